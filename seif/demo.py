@@ -1,0 +1,128 @@
+"""`seif demo`: the whole core on a small built-in model, from a seed, with no download.
+
+It builds three MoE layers that exercise the routing features real families differ in
+(Mixtral-style softmax top-2; DeepSeek-V3-style sigmoid, biased group-limited top-k, scaling
+and a shared expert; gpt-oss-style top-k on biased logits, softmax over the k, clamped SwiGLU
+with biases), writes them as a SEIF checkpoint, and then uses it the way a user would.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import FFNSpec, LayerSpec, ModelInfo, RoutingSpec, SharedExpertsSpec
+
+HIDDEN = 64
+
+
+def demo_layers() -> list[LayerSpec]:
+    return [
+        LayerSpec(0, 8, HIDDEN, RoutingSpec("topk", 2, "softmax", normalize="sum"),
+                  FFNSpec(128, "swiglu")),
+        LayerSpec(1, 16, HIDDEN,
+                  RoutingSpec("group_topk", 4, "sigmoid", selection_bias=True, normalize="sum",
+                              epsilon=1e-20, scale=2.5, n_group=4, topk_group=2,
+                              group_score="top2_sum", group_mask="neg_inf"),
+                  FFNSpec(96, "swiglu"), SharedExpertsSpec(1, FFNSpec(128, "swiglu"))),
+        LayerSpec(2, 8, HIDDEN, RoutingSpec("topk", 2, "softmax_topk", router_bias=True),
+                  FFNSpec(128, "swiglu_oai", bias=True)),
+    ]
+
+
+def demo_tensors(layers: list[LayerSpec], seed: int) -> dict[str, np.ndarray]:
+    """Canonical name -> weights; the LM head is tied to the embedding (stored once)."""
+    from .moe import random_layer_params
+
+    rng = np.random.default_rng(seed)
+    embed = (rng.standard_normal((256, HIDDEN)) * 0.02).astype(np.float32)
+    tensors = {"model.embed_tokens.weight": embed}
+    for layer in layers:
+        tensors.update(random_layer_params(layer, rng).to_tensors(layer))
+    tensors["lm_head.weight"] = embed.copy()
+    return tensors
+
+
+def run_demo(out: Path | None, seed: int = 0) -> Path | None:
+    from rich.console import Console
+
+    from .convert import convert
+    from .inspect import human_bytes, print_summary, summarize
+    from .moe import MoEParams, moe_forward
+    from .reader import Checkpoint
+    from .routing import route, router_logits
+    from .validate import validate
+    from .writer import save
+
+    console = Console()
+    workdir = None
+    if out is None:
+        workdir = tempfile.TemporaryDirectory(prefix="seif-demo-")
+        out = Path(workdir.name)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "demo.seif"
+    try:
+        layers = demo_layers()
+        tensors = demo_tensors(layers, seed)
+        console.rule("[bold]1. write")
+        save(path, tensors, layers, dedupe=True, overwrite=True, max_shard_bytes=512 * 1024,
+             model=ModelInfo("seif", "SeifDemoForCausalLM", "seif-demo", name=f"demo seed {seed}"))
+        console.print(f"wrote {path} ({len(tensors)} tensors; lm_head stored as an alias of "
+                      f"the embedding)")
+
+        console.rule("[bold]2. inspect")
+        with Checkpoint(path) as ckpt:
+            print_summary(summarize(ckpt), console)
+
+        console.rule("[bold]3. validate --deep")
+        report = validate(path, deep=True)
+        console.print(f"ok: {report.tensors} tensors, {report.shards} shards, "
+                      f"{report.checksums_verified} checksums verified")
+
+        console.rule("[bold]4. read one expert")
+        with Checkpoint(path) as ckpt:
+            expert = ckpt.expert(1, 5)
+            layer_bytes = sum(t.nbytes for n, t in ckpt.manifest.tensors.items()
+                              if n.startswith("layers.1."))
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in expert.items())
+            console.print(f"expert 5 of layer 1: {shapes} -> {human_bytes(ckpt.bytes_read)} "
+                          f"read (incl. one shard header) "
+                          f"of the layer's {human_bytes(layer_bytes)}")
+
+        console.rule("[bold]5. reference forward")
+        rng = np.random.default_rng(seed + 1)
+        x = rng.standard_normal((32, HIDDEN)).astype(np.float32)
+        with Checkpoint(path) as ckpt:
+            for layer in layers:
+                params = ckpt.moe_params(layer.index, verify=True)
+                y = moe_forward(x, layer, params)
+                again = moe_forward(x, layer, MoEParams.from_tensors(layer, tensors.__getitem__))
+                r = layer.routing
+                sel = route(router_logits(x, params.router_weight, params.router_bias), r,
+                            params.selection_bias)
+                load = np.bincount(sel.indices.ravel(), minlength=layer.num_experts)
+                console.print(f"layer {layer.index} ({r.kind}, {r.scoring}, k={r.top_k}): "
+                              f"out {list(y.shape)} |y|={np.linalg.norm(y):.4f}; "
+                              f"tokens per expert {load.tolist()}; "
+                              f"checkpoint vs in-memory max|diff| "
+                              f"{float(np.max(np.abs(y - again))):.1e}")
+
+        console.rule("[bold]6. cut to experts 0-3 (a device that serves only those)")
+        subset = out / "demo-experts-0-3.seif"
+        convert(path, subset, experts="0-3", overwrite=True)
+        with Checkpoint(subset) as small:
+            layer = small.layer(1)
+            console.print(f"{subset.name}: layer 1 now has {layer.num_experts} experts "
+                          f"(source ids {layer.expert_ids}), n_group={layer.routing.n_group}, "
+                          f"router {list(small.tensor(layer.router_name()).shape)}; "
+                          f"{human_bytes(sum(s.size for s in small.manifest.shards))} vs "
+                          f"{human_bytes(report.bytes)}")
+        console.rule()
+        kept = path if workdir is None else "(temporary; use --out DIR to keep it)"
+        console.print(f"demo checkpoint: {kept}")
+        return None if workdir else path
+    finally:
+        if workdir is not None:
+            workdir.cleanup()
