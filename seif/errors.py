@@ -52,7 +52,7 @@ class FeatureError(SeifError):
 
 
 class IntegrityError(SeifError):
-    """A checksum or size does not match: the data changed after it was written."""
+    """A checksum does not match: the data changed after it was written."""
 
     exit_code = 5
 

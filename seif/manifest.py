@@ -57,6 +57,7 @@ QUANT_SCHEMES = ("fp8-block", "mxfp4", "int-group")
 SHARD_ROLES = ("dense", "router", "experts", "mixed")
 CHECKSUM_ALGORITHMS = ("sha256",)
 
+_CHECKSUM_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _SHARD_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,200}$")
 _TENSOR_NAME_RE = re.compile(r"^[\x21-\x7e]{1,1024}$")  # printable ASCII, no spaces
 
@@ -87,11 +88,16 @@ def _int(d: dict, key: str, where: str, *, default: Any = ..., minimum: int = 0)
     return value
 
 
-def _float(d: dict, key: str, where: str, default: float) -> float:
+def _float(d: dict, key: str, where: str, default: float, minimum: float | None = None,
+           positive: bool = False) -> float:
     value = d.get(key, default)
     value = _typed(value, (int, float), f"{where}.{key}", "a number")
     if not math.isfinite(value):
         raise FormatError("must be finite", field=f"{where}.{key}")
+    if minimum is not None and value < minimum:
+        raise FormatError(f"must be >= {minimum}", field=f"{where}.{key}")
+    if positive and value <= 0:
+        raise FormatError("must be > 0", field=f"{where}.{key}")
     return float(value)
 
 
@@ -137,7 +143,8 @@ class Capacity:
                 raise FormatError("must be > 0", field=f"{where}.factor")
         if (tokens is None) == (factor is None):
             raise FormatError("set exactly one of 'tokens' and 'factor'", field=where)
-        return cls(tokens, factor, _choice(d, "drop_policy", where, DROP_POLICIES, "zero"))
+        return cls(tokens, factor, _choice(d, "drop_policy", where, DROP_POLICIES, "zero",
+                                           error=FeatureError))
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"drop_policy": self.drop_policy}
@@ -147,10 +154,15 @@ class Capacity:
             out["factor"] = self.factor
         return out
 
-    def per_expert(self, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
+    def per_expert(self, num_tokens: int, num_experts: int, top_k: int = 1,
+                   clip: bool = False) -> int:
+        """C for T = `num_tokens`; `clip` caps it at T (expert choice: an expert cannot pick a
+        token twice)."""
         if self.tokens is not None:
-            return self.tokens
-        return int(math.ceil(self.factor * num_tokens * top_k / num_experts))
+            c = self.tokens
+        else:
+            c = int(math.ceil(self.factor * num_tokens * top_k / num_experts))
+        return min(c, num_tokens) if clip else c
 
 
 @dataclass
@@ -167,9 +179,9 @@ class Training:
         d = _obj(d, where)
         return cls(
             _choice(d, "noise", where, ("none", "gaussian", "jitter"), "none"),
-            _float(d, "noise_std", where, 0.0),
-            _float(d, "aux_loss_coef", where, 0.0),
-            _float(d, "z_loss_coef", where, 0.0),
+            _float(d, "noise_std", where, 0.0, minimum=0.0),
+            _float(d, "aux_loss_coef", where, 0.0, minimum=0.0),
+            _float(d, "z_loss_coef", where, 0.0, minimum=0.0),
         )
 
     def to_dict(self) -> dict:
@@ -219,16 +231,18 @@ class RoutingSpec:
             normalize=_choice(d, "normalize", where, NORMALIZATIONS, "none", error=FeatureError),
             norm_p=_float(d, "norm_p", where, 1.0),
             epsilon=_float(d, "epsilon", where, 0.0),
-            epsilon_rule=_choice(d, "epsilon_rule", where, EPSILON_RULES, "add"),
+            epsilon_rule=_choice(d, "epsilon_rule", where, EPSILON_RULES, "add",
+                                 error=FeatureError),
             scale=_float(d, "scale", where, 1.0),
             weight_on=_choice(d, "weight_on", where, WEIGHT_ON, "output", error=FeatureError),
             n_group=_int(d, "n_group", where, default=None, minimum=1),
             topk_group=_int(d, "topk_group", where, default=None, minimum=1),
             group_score=_choice(d, "group_score", where, GROUP_SCORES, "max", error=FeatureError),
-            group_mask=_choice(d, "group_mask", where, GROUP_MASKS, "neg_inf"),
+            group_mask=_choice(d, "group_mask", where, GROUP_MASKS, "neg_inf",
+                               error=FeatureError),
             capacity=(Capacity.from_dict(d["capacity"], f"{where}.capacity")
                       if d.get("capacity") is not None else None),
-            jitter_eps=_float(d, "jitter_eps", where, 0.0),
+            jitter_eps=_float(d, "jitter_eps", where, 0.0, minimum=0.0),
             slots_per_expert=_int(d, "slots_per_expert", where, default=None, minimum=1),
             training=Training.from_dict(d.get("training", {}), f"{where}.training"),
         )
@@ -333,7 +347,7 @@ class FFNSpec:
             _choice(d, "activation", where, ACTIVATIONS, error=FeatureError),
             _bool(d, "bias", where, False),
             _float(d, "alpha", where, 1.702),
-            _float(d, "limit", where, 7.0),
+            _float(d, "limit", where, 7.0, positive=True),
         )
 
     def to_dict(self) -> dict:
@@ -497,6 +511,10 @@ class Quantization:
             bits=_int(d, "bits", where, default=None, minimum=1),
             zero_point=d.get("zero_point"),
         )
+        if q.zero_point is not None:
+            _typed(q.zero_point, str, f"{where}.zero_point", "a tensor name")
+        if q.block is not None and (len(q.block) != 2 or min(q.block) < 1):
+            raise FormatError("block must be [rows, cols], both >= 1", field=f"{where}.block")
         if q.scheme == "fp8-block" and (q.block is None or len(q.block) != 2):
             raise FormatError("fp8-block needs block [rows, cols]", field=f"{where}.block")
         if q.scheme == "int-group" and (q.bits not in (4, 8) or q.group_size is None):
@@ -568,6 +586,9 @@ class TensorEntry:
         if (t.shard is None) == (t.alias_of is None):
             raise FormatError("a tensor has exactly one of 'shard' and 'alias_of'", field=where)
         if t.shard is not None:
+            if not isinstance(t.checksum, str) or not _CHECKSUM_RE.match(t.checksum):
+                raise FormatError("a stored tensor needs checksum 'sha256:<64 hex digits>'",
+                                  field=f"{where}.checksum")
             offs = t.data_offsets
             if not (isinstance(offs, list) and len(offs) == 2 and all(
                     isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**62
@@ -617,11 +638,16 @@ class ShardEntry:
             experts=d.get("experts"),
         )
         check_shard_file_name(s.file, f"{where}.file")
+        if not _CHECKSUM_RE.match(s.checksum):
+            raise FormatError("checksum must be 'sha256:<64 hex digits>'",
+                              field=f"{where}.checksum")
         for key in ("layers", "experts"):
             rng = getattr(s, key)
             if rng is not None and not (isinstance(rng, list) and len(rng) == 2 and all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in rng)):
-                raise FormatError("must be [first, last]", field=f"{where}.{key}")
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rng)
+                    and rng[0] <= rng[1]):
+                raise FormatError("must be [first, last] with 0 <= first <= last",
+                                  field=f"{where}.{key}")
         return s
 
     def to_dict(self) -> dict:
@@ -754,9 +780,11 @@ class Manifest:
             layout=Layout.from_dict(d.get("layout", {})),
             checksum_algorithm=_choice(d, "checksum_algorithm", "", CHECKSUM_ALGORITHMS,
                                        "sha256", error=FeatureError),
-            generator=str(d.get("generator", "")),
+            generator=_typed(d.get("generator", "seif"), str, "generator", "a string"),
             metadata=_obj(d.get("metadata", {}), "metadata"),
         )
+        if not all(isinstance(v, str) for v in m.metadata.values()):
+            raise FormatError("metadata values must be strings", field="metadata")
         for name, entry in _obj(_req(d, "tensors", ""), "tensors").items():
             if not _TENSOR_NAME_RE.match(name):
                 raise FormatError(f"tensor name {name[:80]!r} is not printable ASCII",
@@ -861,6 +889,8 @@ def _str_list(value: Any, where: str) -> list[str]:
     _typed(value, list, where, "a list of strings")
     for v in value:
         _typed(v, str, where, "a list of strings")
+    if len(set(value)) != len(value):
+        raise FormatError("lists a feature twice", field=where)
     return list(value)
 
 

@@ -1,4 +1,4 @@
-"""Reference routing math for SEIF, in NumPy (spec §4, "Routing: the part that must never be lost").
+"""Reference routing math for SEIF, in NumPy (spec §5).
 
 This module is *the* definition every other backend (torch, JAX, ONNX) is compared against, so
 it favours being obviously right over being fast. Two numeric rules are normative:
@@ -344,7 +344,7 @@ def expert_choice(logits: np.ndarray, spec: RoutingSpec,
     if spec.selection_bias or spec.normalize != "none":
         raise RoutingError("expert_choice defines no selection bias or normalization")
     scores = _score(logits, spec.scoring, axis=-1)
-    C = min(T, spec.capacity.per_expert(T, E, 1))
+    C = spec.capacity.per_expert(T, E, 1, clip=True)
     by_expert = np.ascontiguousarray(scores.T)                      # [E, T]
     token_idx = topk_lowest_index(by_expert, C)                     # [E, C]
     weights = np.take_along_axis(by_expert, token_idx, axis=-1) * dt.type(spec.scale)
