@@ -46,17 +46,15 @@ def demo_tensors(layers: list[LayerSpec], seed: int) -> dict[str, np.ndarray]:
 
 
 def run_demo(out: Path | None, seed: int = 0) -> Path | None:
-    from rich.console import Console
-
     from .convert import convert
-    from .inspect import human_bytes, print_summary, summarize
+    from .inspect import human_bytes, make_console, print_summary, summarize
     from .moe import MoEParams, moe_forward
     from .reader import Checkpoint
     from .routing import route, router_logits
     from .validate import validate
     from .writer import save
 
-    console = Console()
+    console = make_console()
     workdir = None
     if out is None:
         workdir = tempfile.TemporaryDirectory(prefix="seif-demo-")

@@ -66,6 +66,15 @@ def summarize(ckpt: Checkpoint) -> dict:
     }
 
 
+def make_console():
+    """A rich console for stdout; when piped (logs, CI) it is 140 columns wide instead of
+    rich's 80, so the tables stay readable."""
+    import sys
+
+    from rich.console import Console
+    return Console(width=None if sys.stdout.isatty() else 140)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -76,10 +85,9 @@ def human_bytes(n: float) -> str:
 
 def print_summary(s: dict, console=None) -> None:
     """Render `summarize()` output as rich tables."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or make_console()
     model = s["model"]
     console.print(f"[bold]{s['path']}[/]  SEIF {s['seif_version']}  "
                   f"{model.get('architecture') or model.get('source_framework')}  "
