@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import SeifError
+from .errors import ConversionError, SeifError
 from .inspect import human_bytes as _human
 
 
@@ -96,9 +96,12 @@ def validate(path: Path, deep: bool, as_json: bool) -> None:
               help="Cap on bytes per shard file (default: the source's, or 4 GiB).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new "
               "checkpoint is complete).")
+@click.option("--resume", is_flag=True, help="Continue a conversion that was interrupted: "
+              "shards it finished in DST.partial/ are verified by checksum and reused.")
 @_friendly_errors
 def convert(src: Path, dst: Path, target: str | None, source: str | None, dtype: str | None,
-            experts: str | None, max_shard_bytes: int | None, overwrite: bool) -> None:
+            experts: str | None, max_shard_bytes: int | None, overwrite: bool,
+            resume: bool) -> None:
     """Convert SRC to DST. Writes are atomic: DST appears only when complete.
 
     Installed converters: seif -> seif (re-layout, --dtype, --experts). Framework converters
@@ -108,8 +111,19 @@ def convert(src: Path, dst: Path, target: str | None, source: str | None, dtype:
 
     options = {k: v for k, v in dict(dtype=dtype, experts=experts,
                                      max_shard_bytes=max_shard_bytes).items() if v is not None}
-    out = run(src, dst, source_format=source, target_format=target, overwrite=overwrite,
-              **options)
+    if resume:
+        options["resume"] = True
+    try:
+        out = run(src, dst, source_format=source, target_format=target, overwrite=overwrite,
+                  **options)
+    except (SeifError, KeyboardInterrupt) as exc:
+        partial = dst.parent / f"{dst.name}.partial"
+        # ConversionErrors are refusals (destination exists, locked, stale staging directory):
+        # their own message says what to do.
+        if partial.is_dir() and not resume and not isinstance(exc, ConversionError):
+            click.echo(f"note: finished shards are kept in {partial}; rerun with --resume to "
+                       "continue", err=True)
+        raise
     click.echo(f"wrote {out}")
 
 

@@ -75,8 +75,12 @@ def subset_layer(layer: LayerSpec, keep: list[int]) -> LayerSpec:
 def convert_seif_to_seif(src: str | os.PathLike, dst: str | os.PathLike, *,
                          dtype: str | None = None, experts: str | list[int] | None = None,
                          max_shard_bytes: int | None = None, overwrite: bool = False,
-                         show_progress: bool | None = None, **unused) -> Path:
+                         show_progress: bool | None = None, resume: bool = False,
+                         keep_partial: bool = True, **unused) -> Path:
     """Rewrite `src` as `dst`: new shard layout, optional float cast, optional expert subset.
+
+    With `resume`, shards finished by an interrupted run into the same destination are
+    verified and reused.
 
     Router tensors keep their stored dtype under `dtype` (routing is computed in fp32, and a
     cast router can choose different experts than the source); quantized tensors are
@@ -100,11 +104,12 @@ def convert_seif_to_seif(src: str | os.PathLike, dst: str | os.PathLike, *,
                                       max_shard_bytes=max_shard_bytes or m.layout.max_shard_bytes
                                       or DEFAULT_MAX_SHARD_BYTES,
                                       alignment=m.layout.alignment, progress=advance,
-                                      metadata=m.metadata)
+                                      metadata=m.metadata, resume=resume,
+                                      keep_partial=keep_partial)
             with writer:
                 writer.plan([spec for spec, _ in plan])
                 for spec, read in plan:
-                    if spec.alias_of is None:
+                    if writer.needs(spec.name):
                         writer.write(spec.name, read())
     return Path(dst)
 

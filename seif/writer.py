@@ -33,6 +33,7 @@ from .manifest import (
     TensorEntry,
 )
 from .shardfile import ShardPlan, plan_header
+from .staging import JournalEntry, StagingDir
 
 CHUNK_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
@@ -140,13 +141,19 @@ class CheckpointWriter:
         layers: the MoE layer descriptors; their canonical tensors must all be planned.
         overwrite: replace an existing `path` (only after the new one is complete).
         progress: called with the number of bytes written after each chunk.
+        resume: continue an interrupted conversion: shards a previous run finished (and that
+            still match the plan and their checksums) are kept; `needs(name)` tells which
+            tensors still have to be written.
+        keep_partial: on an exception, keep `PATH.partial/` (when at least one shard is
+            finished) so that a later `resume=True` run can continue.
     """
 
     def __init__(self, path: str | os.PathLike, layers: Iterable[LayerSpec], *,
                  model: ModelInfo | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  alignment: int = 64, overwrite: bool = False,
                  progress: Callable[[int], None] | None = None,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, resume: bool = False,
+                 keep_partial: bool = False):
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise ConversionError("destination exists (pass overwrite=True / --overwrite)",
@@ -159,7 +166,10 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.progress = progress or (lambda n: None)
         self.metadata = dict(metadata or {})
-        self.tmp = self.path.parent / f"{self.path.name}.partial-{secrets.token_hex(4)}"
+        self.staging = StagingDir(self.path, resume)
+        self.tmp = self.staging.path
+        self.keep_partial = keep_partial
+        self.reused: set[str] = set()
         self.specs: dict[str, TensorSpec] = {}
         self.shards: list[PlannedShard] = []
         self.shard_of: dict[str, PlannedShard] = {}
@@ -202,7 +212,19 @@ class CheckpointWriter:
                 {"format": "seif", "seif_version": SEIF_VERSION})
             for t in shard.tensors:
                 self.shard_of[t.name] = shard
-        self.tmp.mkdir(parents=True)
+        journal = self.staging.acquire()
+        if journal:
+            planned = {f: (p.header, p.size) for f, p in self.shard_layouts.items()}
+            for file, entry in self.staging.reuse(journal, planned).items():
+                self.reused.add(file)
+                self.shard_checksums[file] = entry.checksum
+                self.checksums.update(entry.tensors)
+
+    def needs(self, name: str) -> bool:
+        """Whether `name` still has to be written (False for aliases, for tensors already
+        written, and for tensors in shards reused by `resume`)."""
+        spec = self.specs[name]
+        return spec.alias_of is None and name not in self.checksums
 
     def _check_layers(self) -> None:
         for layer in self.layers:
@@ -229,10 +251,12 @@ class CheckpointWriter:
         if spec.alias_of is not None:
             raise ConversionError(f"tensor is an alias of {spec.alias_of!r}; nothing to write",
                                   field=name)
+        plan = self.shard_of[name]
+        if plan.file in self.reused:
+            return  # finished by an earlier run and verified on resume
         if name in self.checksums:
             raise ConversionError("tensor written twice", field=name)
         view = tensor_bytes(data, spec)
-        plan = self.shard_of[name]
         shard = self.open.get(plan.file)
         if shard is None:
             shard = self.open[plan.file] = _OpenShard(self.tmp, plan,
@@ -241,8 +265,11 @@ class CheckpointWriter:
         shard.write(name, view, digest, self.progress)
         self.checksums[name] = "sha256:" + digest.hexdigest()
         if not shard.pending:
-            self.shard_checksums[plan.file] = shard.close()
+            checksum = self.shard_checksums[plan.file] = shard.close()
             del self.open[plan.file]
+            self.staging.record(JournalEntry(
+                plan.file, shard.size, checksum, hashlib.sha256(shard.layout.header).hexdigest(),
+                {t.name: self.checksums[t.name] for t in plan.tensors}))
 
     def manifest(self) -> Manifest:
         """The manifest of the finished checkpoint (valid once every tensor is written)."""
@@ -288,6 +315,7 @@ class CheckpointWriter:
             manifest = self.manifest()
             text = manifest.to_json()
             Manifest.from_json(text)  # what we write must be what a reader accepts
+            self.staging.finish()
             manifest_path = self.tmp / MANIFEST_NAME
             with open(manifest_path, "w", encoding="utf-8") as fh:
                 fh.write(text)
@@ -308,15 +336,23 @@ class CheckpointWriter:
         except BaseException:
             self.abort()
             raise
+        self.staging.release()
         self.done = True
         return self.path
 
     def abort(self) -> None:
-        """Remove everything written so far; the destination is left as it was."""
+        """Stop; the destination is left as it was. The staging directory is removed, or kept
+        for `resume` when `keep_partial` is set and some shard is finished."""
         for shard in self.open.values():
             shard.fh.close()
+            os.unlink(shard.path)  # unfinished: never reused
         self.open.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.staging.fd is None:
+            pass  # plan() never acquired the staging directory: nothing of ours to remove
+        elif self.keep_partial and (self.staging.recorded or self.reused):
+            self.staging.release()
+        else:
+            self.staging.discard()
         self.done = True
 
 
