@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint fuzz venv clean
+N ?= 100000
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check seif converters runtime tests benchmarks
 	$(BIN)/python -m pytest
+
+# Long-run reader fuzzing: `make fuzz N=1000000` (inputs); reproducers go to tests/fuzz/crashes/.
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/fuzz_reader.py --count $(N)
 
 lint: $(STAMP)
 	$(BIN)/ruff check seif converters runtime tests benchmarks

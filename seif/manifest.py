@@ -23,6 +23,10 @@ SUPPORTED_MAJOR = 1
 MANIFEST_NAME = "seif.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_JSON_DEPTH = 64
+# Bounds on descriptor integers (spec §9.1): far above any real model, low enough that work
+# proportional to them (e.g. listing a layer's expected tensors) stays bounded.
+MAX_COUNT = 2**40
+MAX_EXPERTS = 2**20
 
 # Features this reader implements. A checkpoint whose `required_features` names anything else
 # is refused (spec §7.2), like ext4's incompat flags.
@@ -78,13 +82,16 @@ def _typed(value: Any, types: type | tuple, where: str, what: str) -> Any:
     return value
 
 
-def _int(d: dict, key: str, where: str, *, default: Any = ..., minimum: int = 0) -> int:
+def _int(d: dict, key: str, where: str, *, default: Any = ..., minimum: int = 0,
+         maximum: int = MAX_COUNT) -> int:
     value = _req(d, key, where) if default is ... else d.get(key, default)
     if value is None and default is None:
         return None  # type: ignore[return-value]
     value = _typed(value, int, f"{where}.{key}", "an integer")
     if value < minimum:
         raise FormatError(f"must be >= {minimum}, got {value}", field=f"{where}.{key}")
+    if value > maximum:
+        raise FormatError(f"must be <= {maximum}, got {value}", field=f"{where}.{key}")
     return value
 
 
@@ -243,7 +250,8 @@ class RoutingSpec:
             capacity=(Capacity.from_dict(d["capacity"], f"{where}.capacity")
                       if d.get("capacity") is not None else None),
             jitter_eps=_float(d, "jitter_eps", where, 0.0, minimum=0.0),
-            slots_per_expert=_int(d, "slots_per_expert", where, default=None, minimum=1),
+            slots_per_expert=_int(d, "slots_per_expert", where, default=None, minimum=1,
+                                  maximum=MAX_EXPERTS),
             training=Training.from_dict(d.get("training", {}), f"{where}.training"),
         )
         spec.check(where)
@@ -369,7 +377,7 @@ class SharedExpertsSpec:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> SharedExpertsSpec:
         d = _obj(d, where)
-        return cls(_int(d, "count", where, minimum=1),
+        return cls(_int(d, "count", where, minimum=1, maximum=MAX_EXPERTS),
                    FFNSpec.from_dict(_req(d, "ffn", where), f"{where}.ffn"),
                    _bool(d, "gate", where, False))
 
@@ -400,7 +408,7 @@ class LayerSpec:
         d = _obj(d, where)
         layer = cls(
             index=_int(d, "index", where),
-            num_experts=_int(d, "num_experts", where, minimum=1),
+            num_experts=_int(d, "num_experts", where, minimum=1, maximum=MAX_EXPERTS),
             hidden_size=_int(d, "hidden_size", where, minimum=1),
             routing=RoutingSpec.from_dict(_req(d, "routing", where), f"{where}.routing"),
             experts=FFNSpec.from_dict(_req(d, "experts", where), f"{where}.experts"),
@@ -447,6 +455,17 @@ class LayerSpec:
 
     def shared_gate_name(self) -> str:
         return f"layers.{self.index}.shared_experts.gate.weight"
+
+    def expected_count(self) -> int:
+        """How many tensors `expected_tensors()` lists, computed without listing them."""
+        def per_ffn(ffn: FFNSpec) -> int:
+            return len(ffn.projections) * (2 if ffn.bias else 1)
+        r = self.routing
+        count = 1 + r.router_bias + r.selection_bias + self.num_experts * per_ffn(self.experts)
+        if self.shared_experts:
+            count += self.shared_experts.count * per_ffn(self.shared_experts.ffn)
+            count += self.shared_experts.gate
+        return count
 
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
         """Canonical name -> logical shape of every tensor this layer needs."""
@@ -826,6 +845,10 @@ class Manifest:
                         raise FormatError(f"companion tensor {companion!r} is missing",
                                           field=f"tensors.{name}.quantization")
         seen_index = set()
+        needed = sum(layer.expected_count() for layer in self.layers)
+        if needed > len(self.tensors):  # refuse before listing names: keeps work bounded
+            raise FormatError(f"the layer descriptors need {needed} tensors; the manifest lists "
+                              f"{len(self.tensors)}", field="layers")
         for i, layer in enumerate(self.layers):
             if layer.index in seen_index:
                 raise FormatError(f"layer index {layer.index} appears twice", field=f"layers[{i}]")

@@ -41,8 +41,11 @@ def _expand(scale: np.ndarray, block: list[int], shape: tuple[int, ...]) -> np.n
     if scale.shape[-2:] != need:
         raise FormatError(f"scale shape {list(scale.shape)} does not tile {list(shape)} in "
                           f"{block} blocks (needs {list(need)})")
-    full = np.repeat(np.repeat(scale, block[0], axis=-2), block[1], axis=-1)
-    return full[..., :rows, :cols]
+    # Index arrays, not np.repeat: the work is bounded by the real tensor, never by the block
+    # size a (possibly hostile) descriptor claims.
+    row = np.arange(rows) // block[0]
+    col = np.arange(cols) // block[1]
+    return scale[..., row[:, None], col[None, :]]
 
 
 def _fp8_block(weight: np.ndarray, scale: np.ndarray, block: list[int]) -> np.ndarray:
@@ -79,7 +82,10 @@ def _int_group(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: 
     groups = -(-values.shape[-1] // group)
     if scale.shape[-1] != groups:
         raise FormatError(f"scale has {scale.shape[-1]} groups, the tensor needs {groups}")
-    full_scale = np.repeat(scale, group, axis=-1)[..., :values.shape[-1]]
+    which = np.arange(values.shape[-1]) // group  # bounded by the real tensor (see _expand)
     if zero is not None:
-        values = values - np.repeat(zero, group, axis=-1)[..., :values.shape[-1]]
-    return values * full_scale
+        if zero.shape != scale.shape:
+            raise FormatError(f"zero point {list(zero.shape)} and scale {list(scale.shape)} "
+                              "differ in shape")
+        values = values - zero[..., which]
+    return values * scale[..., which]
