@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test lint fuzz venv clean
+.PHONY: demo test lint fuzz bench venv clean
 N ?= 100000
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -26,6 +26,11 @@ test: $(STAMP)
 # Long-run reader fuzzing: `make fuzz N=1000000` (inputs); reproducers go to tests/fuzz/crashes/.
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/fuzz_reader.py --count $(N)
+
+# Benchmarks print ratio tables measured in one run (see benchmarks/README.md).
+SIZE_GB ?= 2
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks --size-gb $(SIZE_GB)
 
 lint: $(STAMP)
 	$(BIN)/ruff check seif converters runtime tests benchmarks
