@@ -4,8 +4,9 @@ Plan first, stream later: the writer is told every tensor's name, dtype and shap
 converter knows them from the source headers), lays out all shard headers, then receives tensor
 bytes one at a time and writes them straight to their final offsets. Nothing but the tensor in
 flight and a bounded chunk is ever held, and each byte is hashed as it is written (per tensor and
-per shard). Everything goes into `DST.partial-<token>/`, which is renamed to `DST` only once every
-file is complete and fsynced: a crash never leaves a `DST` that looks complete.
+per shard). Everything goes into `DST.partial/` (see `seif.staging`: lock, journal, resume),
+which is renamed to `DST` only once every file is complete and fsynced: a crash never leaves a
+`DST` that looks complete.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .manifest import (
     TensorEntry,
 )
 from .shardfile import ShardPlan, plan_header
-from .staging import JournalEntry, StagingDir
+from .staging import JournalEntry, StagingDir, file_sha256
 
 CHUNK_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
@@ -118,11 +119,7 @@ class _OpenShard:
         self.fh.close()
         if self.in_order:
             return "sha256:" + self.hasher.hexdigest()
-        with open(self.path, "rb") as fh:  # out-of-order writes: hash the finished file once
-            digest = hashlib.sha256()
-            while chunk := fh.read(CHUNK_BYTES):
-                digest.update(chunk)
-        return "sha256:" + digest.hexdigest()
+        return file_sha256(self.path)  # out-of-order writes: hash the finished file once
 
 
 class CheckpointWriter:
