@@ -4,7 +4,10 @@ A transformers checkpoint is a directory with `config.json` and safetensors file
 (`model.safetensors`, or shards listed in `model.safetensors.index.json`). This module reads the
 files, never the live model: `save_pretrained` in transformers 5.x writes the *published*
 per-expert names (e.g. Mixtral `block_sparse_moe.experts.{e}.w1.weight`), not the stacked
-in-memory `gate_up_proj`, and the files are what users have.
+in-memory `gate_up_proj`, and the files are what users have. Some families publish stacked
+experts (GraniteMoE `input_linear [E, 2I, H]`, gpt-oss `gate_up_proj [E, H, 2I]` interleaved,
+Llama 4, DBRX): a :class:`Stacked` rule in the family table splits them into SEIF's per-expert
+tensors, one expert slice at a time, and the same rule re-stacks them on the way back.
 
 Families are described declaratively in :data:`FAMILIES`: where a layer's MoE block lives, the
 source names of its router / expert / shared-expert tensors, which decoder layers are MoE, and a
@@ -31,10 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from seif import dtypes
 from seif.errors import ConversionError, FormatError, SeifError
 from seif.layout import TensorSpec
-from seif.manifest import FFNSpec, LayerSpec, ModelInfo, RoutingSpec, SharedExpertsSpec, Training
+from seif.manifest import (
+    Capacity,
+    FFNSpec,
+    LayerSpec,
+    ModelInfo,
+    RoutingSpec,
+    SharedExpertsSpec,
+    Training,
+)
 from seif.progress import byte_progress
 from seif.shardfile import read_header
 
@@ -47,9 +60,10 @@ COPY_CHUNK = 64 * 1024 * 1024           # bounded memory when copying a large te
 
 
 # --------------------------------------------------------------------------- config helpers
-def _activation(cfg: Any) -> str:
-    """transformers' `hidden_act` -> the SEIF gated activation (experts are act(gate) * up)."""
-    act = getattr(cfg, "hidden_act", "silu")
+def _activation(cfg: Any, act: str | None = None) -> str:
+    """transformers' `hidden_act` (or `act`) -> the SEIF gated activation (experts are
+    act(gate) * up)."""
+    act = getattr(cfg, "hidden_act", "silu") if act is None else act
     table = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu",
              "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "geglu_tanh"}
     if act not in table:
@@ -105,6 +119,128 @@ def _deepseek_v2_routing(cfg: Any) -> RoutingSpec:
                           "installed transformers defines greedy and group_limited_greedy)")
 
 
+def _topk_softmax_over_k(cfg: Any) -> RoutingSpec:
+    """GraniteMoE(Shared), gpt-oss: top-k of the raw logits, then softmax over the k chosen
+    logits (scoring "softmax_topk"); nothing else."""
+    return RoutingSpec(kind="topk", top_k=int(cfg.num_experts_per_tok), scoring="softmax_topk",
+                       training=_training(cfg))
+
+
+def _phimoe_routing(cfg: Any) -> RoutingSpec:
+    """PhimoeTopKRouter -> sparsemixer (inference branch): router_jitter_noise is the sparse
+    mixer's threshold eps, not noise; input_jitter_noise is the training-time input jitter."""
+    if int(cfg.num_experts_per_tok) != 2:
+        raise ConversionError(f"phimoe with num_experts_per_tok={cfg.num_experts_per_tok}: the "
+                              "installed sparsemixer always picks exactly 2 experts, whatever "
+                              "the config says; refusing a config that disagrees with the code")
+    jitter = float(getattr(cfg, "input_jitter_noise", 0.0) or 0.0)
+    return RoutingSpec(kind="sparse_mixer", top_k=2, jitter_eps=float(cfg.router_jitter_noise),
+                       training=Training(noise="jitter" if jitter > 0 else "none",
+                                         noise_std=jitter,
+                                         aux_loss_coef=float(cfg.router_aux_loss_coef or 0.0)))
+
+
+def _dbrx_routing(cfg: Any) -> RoutingSpec:
+    """DbrxFFN.route_tokens_to_experts: softmax, top-k, then w / ||w||_p with
+    p = moe_normalize_expert_weights (no epsilon; None = no normalization)."""
+    f = cfg.ffn_config
+    p = f.moe_normalize_expert_weights
+    jitter = float(f.moe_jitter_eps or 0.0)
+    return RoutingSpec(kind="topk", top_k=int(f.moe_top_k), scoring="softmax",
+                       normalize="none" if p is None else "lp",
+                       norm_p=1.0 if p is None else float(p),
+                       training=Training(noise="jitter" if jitter > 0 else "none",
+                                         noise_std=jitter,
+                                         aux_loss_coef=float(f.moe_loss_weight or 0.0)))
+
+
+def _dbrx_ffn(cfg: Any) -> FFNSpec:
+    f = cfg.ffn_config
+    return FFNSpec(int(f.ffn_hidden_size), _activation(cfg, (f.ffn_act_fn or {}).get("name",
+                                                                                    "silu")))
+
+
+def _ernie_routing(cfg: Any) -> RoutingSpec:
+    """Ernie4_5_MoeTopKRouter: fp32 softmax; selection on softmax + e_score_correction_bias
+    (moe_statics, choosing only); weights = unbiased softmax at the chosen experts /
+    clamp(sum, min=moe_norm_min)."""
+    return RoutingSpec(kind="topk", top_k=int(cfg.moe_k), scoring="softmax", selection_bias=True,
+                       normalize="sum", epsilon=float(cfg.moe_norm_min), epsilon_rule="clamp",
+                       training=_training(cfg))
+
+
+def _ernie_moe_layer(cfg: Any, layer: int) -> bool:
+    """Ernie4_5_MoeDecoderLayer: MoE iff (layer + 1) % moe_layer_interval == 0 and
+    moe_layer_start_index <= layer <= moe_layer_end_index (-1 = last layer)."""
+    end = cfg.moe_layer_end_index
+    end = cfg.num_hidden_layers - 1 if end == -1 else end
+    return (layer + 1) % cfg.moe_layer_interval == 0 and cfg.moe_layer_start_index <= layer <= end
+
+
+def _llama4_routing(cfg: Any) -> RoutingSpec:
+    """Llama4Router: top-k of the raw logits, sigmoid of the k chosen (others -inf -> 0); the
+    weight multiplies the expert *input* (Llama4TextMoe scales routed_in), no renormalization."""
+    return RoutingSpec(kind="topk", top_k=int(cfg.num_experts_per_tok), scoring="sigmoid_topk",
+                       weight_on="input", training=_training(cfg))
+
+
+def _switch_routing(cfg: Any) -> RoutingSpec:
+    """SwitchTransformersTop1Router: logits in router_dtype (fp32), softmax, argmax (top-1, no
+    renormalization: the weight is the max probability); per sequence, an expert keeps the
+    first `expert_capacity` tokens in position order (cumsum <= capacity), and a dropped token
+    gets nothing from the MoE (0; the residual is outside the block)."""
+    if getattr(cfg, "router_dtype", "float32") != "float32":
+        raise ConversionError(f"switch_transformers router_dtype {cfg.router_dtype!r}: SEIF "
+                              "routes in float32 only")
+    return RoutingSpec(kind="topk", top_k=1, scoring="softmax", router_bias=bool(cfg.router_bias),
+                       capacity=Capacity(tokens=int(cfg.expert_capacity), drop_policy="zero"),
+                       training=Training(
+                           noise="jitter" if cfg.router_jitter_noise else "none",
+                           noise_std=float(cfg.router_jitter_noise or 0.0),
+                           aux_loss_coef=float(cfg.router_aux_loss_coef or 0.0),
+                           z_loss_coef=float(cfg.router_z_loss_coef or 0.0)))
+
+
+def _switch_block(cfg: Any, layer: int) -> str:
+    """SEIF layer index: encoder blocks 0..num_layers-1, then decoder blocks."""
+    if layer < cfg.num_layers:
+        return f"encoder.block.{layer}.layer.1.mlp"
+    return f"decoder.block.{layer - cfg.num_layers}.layer.2.mlp"
+
+
+def _switch_sparse(cfg: Any, layer: int) -> bool:
+    """SwitchTransformersStack: block i is sparse iff step > 0 and (i % step == 1 or
+    step == 1), step = encoder_sparse_step / decoder_sparse_step."""
+    decoder = layer >= cfg.num_layers
+    i = layer - cfg.num_layers if decoder else layer
+    step = cfg.decoder_sparse_step if decoder else cfg.encoder_sparse_step
+    return step > 0 and (i % step == 1 or step == 1)
+
+
+def _ungated(act: str) -> str:
+    table = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+             "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}
+    if act not in table:
+        raise ConversionError(f"activation {act!r} has no SEIF ungated activation yet "
+                              f"(supported: {', '.join(table)})")
+    return table[act]
+
+
+def _gpt_oss_check(cfg: Any) -> None:
+    q = getattr(cfg, "quantization_config", None)
+    if q:
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", q)
+        raise ConversionError(f"gpt_oss with quantization_config ({method}): MXFP4 expert "
+                              "pass-through (*_blocks/*_scales) is not implemented yet; only "
+                              "unquantized (bf16/fp32) gpt-oss checkpoints convert")
+
+
+def _ernie_check(cfg: Any) -> None:
+    if getattr(cfg, "use_bias", False):
+        raise ConversionError("ernie4_5_moe with use_bias=True is not supported yet: the shared "
+                              "expert would carry biases the routed experts do not (unverified)")
+
+
 def _no_mlp_bias(cfg: Any) -> None:
     if getattr(cfg, "mlp_bias", False):
         raise ConversionError("mlp_bias=True is not supported yet: the shared expert would carry "
@@ -124,16 +260,50 @@ _SHARED_GATE_UP_DOWN = {"gate": "{p}.gate_proj", "up": "{p}.up_proj", "down": "{
 
 
 @dataclass(frozen=True)
+class Stacked:
+    """One source tensor that holds a projection (or several) of *every* expert at once, which
+    SEIF stores as separate per-expert tensors (`[out, in]` weights, `[out]` biases).
+
+    The rule is a pure permutation of elements, so both directions are bit exact:
+
+    * the source is `[E, out, in]` (weights) or `[E, out]` (biases); `transposed` means
+      `[E, in, out]` (the expert computes `x @ W`: gpt-oss, Llama 4, DBRX's w2);
+    * `flat`: the expert axis is folded into the first one, `[E * out, in]` (DBRX);
+    * `per_expert=False`: no expert axis at all, the tensor of one module (GraniteMoeShared's
+      shared MLP); its pieces are shared expert 0's;
+    * several projections (`projs`, e.g. gate and up) share the `out` axis: `concat` = first
+      block gate, then up (GraniteMoE, Llama 4: `chunk(2)`); `interleave` = gate at even,
+      up at odd positions (gpt-oss: `[..., ::2]`, `[..., 1::2]`).
+
+    Expert e's slice is contiguous in the file (`nbytes / E` bytes at `e * nbytes / E`), so
+    conversion streams one expert at a time. SEIF -> transformers re-stacks with the same rule
+    from the family table; the manifest records only `source_name` (the stacked tensor) on each
+    piece.
+    """
+
+    suffix: str                   # under the block (shared: under the shared prefix)
+    projs: tuple[str, ...]        # SEIF projections held, in storage order
+    part: str = "weight"          # "weight" | "bias"
+    transposed: bool = False
+    split: str = "concat"         # "concat" | "interleave"
+    flat: bool = False
+    per_expert: bool = True
+
+
+@dataclass(frozen=True)
 class Family:
     """How one transformers model_type lays out and routes its MoE layers.
 
-    Source names are `{block}.{pattern}.{weight|bias}`, `block` being `block.format(l=layer)`.
-    `experts` maps SEIF projections to patterns with `{e}`; `shared` to patterns with `{p}`
-    (= shared_module). The callables take the transformers config object (AutoConfig).
+    Source names are `{block}.{pattern}.{weight|bias}`, `block` being `block.format(l=layer)`
+    (or `block(cfg, layer)`). `experts` maps SEIF projections to patterns with `{e}`; `shared`
+    to patterns with `{p}` (= `{block}.{shared_module}`, or `shared_prefix`). Projections
+    covered by a `stacked` / `shared_stacked` rule are read from that stacked tensor instead.
+    The callables take the transformers config object (AutoConfig); `check` refuses configs
+    the mapping cannot express, before any tensor is read.
     """
 
     model_type: str
-    block: str
+    block: str | Callable[[Any, int], str]   # template with {l}, or (cfg, l) -> prefix
     num_experts: Callable[[Any], int]
     routing: Callable[[Any], RoutingSpec]
     expert_ffn: Callable[[Any], FFNSpec]
@@ -146,6 +316,17 @@ class Family:
     shared: dict[str, str] = field(default_factory=lambda: dict(_SHARED_GATE_UP_DOWN))
     shared_ffn: Callable[[Any], FFNSpec] | None = None
     shared_gate: str | None = None            # full tensor suffix, [1, H]
+    # Absolute prefix of the shared expert's tensors when they live outside the MoE block
+    # (GraniteMoeShared: `model.layers.{l}.shared_mlp`); default `{block}.{shared_module}`.
+    shared_prefix: str | None = None
+    stacked: tuple[Stacked, ...] = ()         # expert tensors stored stacked (replace `experts`)
+    shared_stacked: tuple[Stacked, ...] = ()  # shared tensors stored fused (replace `shared`)
+    selection_bias_lead: tuple[int, ...] = ()  # source shape is lead + [E] (ERNIE: (1,))
+    check: Callable[[Any], None] | None = None  # refuses configs the mapping cannot express
+    # Number of layer slots (SEIF layer indices); default num_hidden_layers. Encoder-decoder
+    # families number encoder layers first, then decoder layers.
+    n_layers: Callable[[Any], int] | None = None
+    automodel: str = "AutoModelForCausalLM"    # what loads the source (for docs and tests)
     notes: str = ""
 
 
@@ -231,6 +412,135 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         notes="softmax; greedy top-k or group-limited (group max, masked to 0); never "
               "renormalized; routed_scaling_factor; first_k_dense_replace; shared experts",
     ),
+    Family(
+        model_type="granitemoe",
+        block="model.layers.{l}.block_sparse_moe",
+        num_experts=lambda c: c.num_local_experts,
+        routing=_topk_softmax_over_k,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        router="router.layer",
+        stacked=(Stacked("input_linear.weight", ("gate", "up")),
+                 Stacked("output_linear.weight", ("down",))),
+        notes="top-k of logits, softmax over the k; experts stacked on disk "
+              "(input_linear [E, 2I, H] = gate rows then up rows, output_linear [E, H, I])",
+    ),
+    Family(
+        model_type="granitemoeshared",
+        block="model.layers.{l}.block_sparse_moe",
+        num_experts=lambda c: c.num_local_experts,
+        routing=_topk_softmax_over_k,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        router="router.layer",
+        stacked=(Stacked("input_linear.weight", ("gate", "up")),
+                 Stacked("output_linear.weight", ("down",))),
+        shared_prefix="model.layers.{l}.shared_mlp",
+        shared_ffn=lambda c: (FFNSpec(c.shared_intermediate_size, _activation(c))
+                              if c.shared_intermediate_size else None),
+        shared={"down": "{p}.output_linear"},
+        shared_stacked=(Stacked("input_linear.weight", ("gate", "up"), per_expert=False),),
+        notes="as granitemoe, plus a shared SwiGLU MLP with no sigmoid gate (decoder-layer "
+              "shared_mlp; fused input_linear [2I, H] = gate rows then up rows) added to the "
+              "MoE output",
+    ),
+    Family(
+        model_type="gpt_oss",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_local_experts,
+        routing=_topk_softmax_over_k,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, "swiglu_oai", bias=True,
+                                     alpha=float(c.swiglu_alpha), limit=float(c.swiglu_limit)),
+        router="router",
+        router_bias="router.bias",
+        stacked=(Stacked("experts.gate_up_proj", ("gate", "up"), transposed=True,
+                         split="interleave"),
+                 Stacked("experts.gate_up_proj_bias", ("gate", "up"), part="bias",
+                         split="interleave"),
+                 Stacked("experts.down_proj", ("down",), transposed=True),
+                 Stacked("experts.down_proj_bias", ("down",), part="bias")),
+        check=_gpt_oss_check,
+        notes="router bias; top-k of logits, softmax over the k; clamped SwiGLU (swiglu_oai, "
+              "alpha, limit, up + 1) with biases; experts stacked [E, H, 2I], gate/up "
+              "interleaved; MXFP4 refused (not yet passed through)",
+    ),
+    Family(
+        model_type="phimoe",
+        block="model.layers.{l}.block_sparse_moe",
+        num_experts=lambda c: c.num_local_experts,
+        routing=_phimoe_routing,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        experts={"gate": "experts.{e}.w1", "up": "experts.{e}.w3", "down": "experts.{e}.w2"},
+        notes="sparse mixer (top-2, jitter_eps = router_jitter_noise), inference form",
+    ),
+    Family(
+        model_type="jamba",
+        block="model.layers.{l}.feed_forward",
+        num_experts=lambda c: c.num_experts,
+        routing=lambda c: _softmax_topk(c, renormalize=False),
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        is_moe_layer=lambda c, layer: c.layers_num_experts[layer] > 1,
+        router="router",
+        notes="softmax, top-k, never renormalized; MoE every expert_layer_period layers from "
+              "expert_layer_offset (attention and Mamba layers alike)",
+    ),
+    Family(
+        model_type="dbrx",
+        block="transformer.blocks.{l}.ffn",
+        num_experts=lambda c: c.ffn_config.moe_num_experts,
+        routing=_dbrx_routing,
+        expert_ffn=_dbrx_ffn,
+        router="router.layer",
+        stacked=(Stacked("experts.mlp.w1", ("gate",), flat=True),
+                 Stacked("experts.mlp.v1", ("up",), flat=True),
+                 Stacked("experts.mlp.w2", ("down",), flat=True, transposed=True)),
+        notes="softmax, top-k, Lp renormalization (moe_normalize_expert_weights); experts "
+              "as 2-D w1/v1/w2 [E*I, H], w2 is [in, out] per expert",
+    ),
+    Family(
+        model_type="ernie4_5_moe",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.moe_num_experts,
+        routing=_ernie_routing,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=_ernie_moe_layer,
+        selection_bias="moe_statics.e_score_correction_bias",
+        selection_bias_lead=(1,),
+        shared_module="shared_experts",
+        shared_ffn=lambda c: (FFNSpec(c.moe_intermediate_size * c.moe_num_shared_experts,
+                                      _activation(c)) if c.moe_num_shared_experts else None),
+        check=_ernie_check,
+        notes="fp32 softmax, selection bias [1, E] (choosing only), renormalized with "
+              "clamp(sum, min=moe_norm_min); shared experts; moe_layer_start/end/interval",
+    ),
+    Family(
+        model_type="llama4_text",
+        block="model.layers.{l}.feed_forward",
+        num_experts=lambda c: c.num_local_experts,
+        routing=_llama4_routing,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        is_moe_layer=lambda c, layer: layer in c.moe_layers,
+        router="router",
+        stacked=(Stacked("experts.gate_up_proj", ("gate", "up"), transposed=True),
+                 Stacked("experts.down_proj", ("down",), transposed=True)),
+        shared_module="shared_expert",
+        shared_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        notes="top-k of logits, sigmoid of the k, weight on the expert input; shared expert; "
+              "experts stacked [E, H, 2I] (gate then up); moe_layers",
+    ),
+    Family(
+        model_type="switch_transformers",
+        block=_switch_block,
+        num_experts=lambda c: c.num_experts,
+        routing=_switch_routing,
+        expert_ffn=lambda c: FFNSpec(c.d_ff, _ungated(c.dense_act_fn)),
+        is_moe_layer=_switch_sparse,
+        router="router.classifier",
+        experts={"up": "experts.expert_{e}.wi", "down": "experts.expert_{e}.wo"},
+        n_layers=lambda c: c.num_layers + c.num_decoder_layers,
+        automodel="AutoModelForSeq2SeqLM",
+        notes="encoder-decoder (SEIF layers: encoder blocks, then decoder blocks); softmax "
+              "top-1, capacity expert_capacity per sequence by position, dropped -> 0; "
+              "ungated wi/wo experts",
+    ),
 )}
 
 
@@ -312,69 +622,207 @@ def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- transformers -> SEIF
+@dataclass(frozen=True)
+class _Split:
+    """A stacked source tensor and the canonical tensors it becomes: `pieces[e][j]` is expert
+    e's projection `rule.projs[j]` (one row when the rule has no expert axis)."""
+
+    source: str
+    rule: Stacked
+    pieces: tuple[tuple[str, ...], ...]
+    shapes: tuple[tuple[int, ...], ...]      # canonical shape of each projection's piece
+
+    @property
+    def source_shape(self) -> tuple[int, ...]:
+        return _stacked_shape(self.rule, len(self.pieces), self.shapes)
+
+
+def _piece_shapes(ffn: FFNSpec, H: int, rule: Stacked) -> tuple[tuple[int, ...], ...]:
+    I = ffn.intermediate_size
+    out = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    shapes = tuple(out[p] for p in rule.projs)
+    return tuple(s[:1] for s in shapes) if rule.part == "bias" else shapes
+
+
+def _stacked_shape(rule: Stacked, n: int, shapes) -> tuple[int, ...]:
+    out = sum(s[0] for s in shapes)
+    if rule.part == "bias":
+        one: tuple[int, ...] = (out,)
+    else:
+        (inner,) = {s[1] for s in shapes}
+        one = (inner, out) if rule.transposed else (out, inner)
+    if not rule.per_expert:
+        return one
+    return (n * one[0],) + one[1:] if rule.flat else (n,) + one
+
+
+def _raw(dtype: str):
+    """An unsigned integer NumPy type of the dtype's width: elements move, bits never change."""
+    return np.dtype(f"<u{dtypes.itemsize(dtype)}")
+
+
+def _split_slab(rule: Stacked, slab: np.ndarray, shapes) -> list[np.ndarray]:
+    """One expert's slice of a stacked tensor (flat, raw-typed) -> its per-projection pieces."""
+    out = sum(s[0] for s in shapes)
+    if rule.part == "bias":
+        a = slab.reshape(out)
+    elif rule.transposed:
+        a = slab.reshape(shapes[0][1], out).T
+    else:
+        a = slab.reshape(out, shapes[0][1])
+    n = len(rule.projs)
+    if rule.split == "interleave":
+        parts = [a[j::n] for j in range(n)]
+    else:
+        bounds = np.cumsum([0] + [s[0] for s in shapes])
+        parts = [a[bounds[j]:bounds[j + 1]] for j in range(n)]
+    return [np.ascontiguousarray(p) for p in parts]
+
+
+def _join_slab(rule: Stacked, parts: list[np.ndarray], shapes) -> np.ndarray:
+    """The inverse of `_split_slab`: per-projection pieces -> one expert's slice (flat)."""
+    out = sum(s[0] for s in shapes)
+    a = np.empty((out,) + tuple(shapes[0][1:]), dtype=parts[0].dtype)
+    parts = [p.reshape(s) for p, s in zip(parts, shapes)]
+    n = len(rule.projs)
+    if rule.split == "interleave":
+        for j, p in enumerate(parts):
+            a[j::n] = p
+    else:
+        bounds = np.cumsum([0] + [s[0] for s in shapes])
+        for j, p in enumerate(parts):
+            a[bounds[j]:bounds[j + 1]] = p
+    if rule.transposed and rule.part != "bias":
+        a = a.T
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec
+                ) -> tuple[dict[str, str], list[_Split]]:
+    """Source name -> canonical name for a layer's plainly stored tensors, and its stacked
+    source tensors. Used both ways, so the rule that split a tensor is the one that re-stacks
+    it."""
+    if layer.source_prefix is None and callable(family.block) and cfg is None:
+        raise ConversionError(f"layer {li} has no source_prefix; cannot place its tensors in "
+                              f"the {family.model_type} layout")
+    block = layer.source_prefix or _block(family, cfg, li)
+    ffn, shared = layer.experts, layer.shared_experts
+    mapping = {f"{block}.{family.router}.weight": layer.router_name()}
+    if layer.routing.router_bias:
+        mapping[f"{block}.{family.router_bias or family.router + '.bias'}"] = \
+            layer.router_name("bias")
+    if family.selection_bias:
+        mapping[f"{block}.{family.selection_bias}"] = layer.router_name("selection_bias")
+    splits: list[_Split] = []
+    parts = ("weight", "bias") if ffn.bias else ("weight",)
+    stacked = {(p, r.part) for r in family.stacked for p in r.projs}
+    for e in range(E):
+        for proj in ffn.projections:
+            for part in parts:
+                if (proj, part) not in stacked:
+                    src = f"{block}.{family.experts[proj].format(e=e)}.{part}"
+                    mapping[src] = layer.expert_name(e, proj, part)
+    for rule in family.stacked:
+        splits.append(_Split(
+            f"{block}.{rule.suffix}", rule,
+            tuple(tuple(layer.expert_name(e, p, rule.part) for p in rule.projs)
+                  for e in range(E)),
+            _piece_shapes(ffn, layer.hidden_size, rule)))
+    if shared is not None:
+        prefix = (family.shared_prefix.format(l=li) if family.shared_prefix
+                  else f"{block}.{family.shared_module}")
+        sparts = ("weight", "bias") if shared.ffn.bias else ("weight",)
+        sstacked = {(p, r.part) for r in family.shared_stacked for p in r.projs}
+        for proj in shared.ffn.projections:
+            for part in sparts:
+                if (proj, part) not in sstacked:
+                    src = f"{family.shared[proj].format(p=prefix)}.{part}"
+                    mapping[src] = layer.shared_name(0, proj, part)
+        for rule in family.shared_stacked:
+            splits.append(_Split(
+                f"{prefix}.{rule.suffix}", rule,
+                (tuple(layer.shared_name(0, p, rule.part) for p in rule.projs),),
+                _piece_shapes(shared.ffn, layer.hidden_size, rule)))
+        if shared.gate:
+            mapping[f"{block}.{family.shared_gate}"] = layer.shared_gate_name()
+    return mapping, splits
+
+
+def _block(family: Family, cfg: Any, li: int) -> str:
+    if callable(family.block):
+        return family.block(cfg, li)
+    return family.block.format(l=li)
+
+
+def _layer_spec(family: Family, cfg: Any, li: int) -> LayerSpec:
+    E = int(family.num_experts(cfg))
+    routing = family.routing(cfg)
+    routing.router_bias = routing.router_bias or family.router_bias is not None
+    shared = None
+    if family.shared_module is not None or family.shared_prefix is not None:
+        sffn = family.shared_ffn(cfg)
+        if sffn is not None:
+            shared = SharedExpertsSpec(1, sffn, family.shared_gate is not None)
+    return LayerSpec(li, E, int(cfg.hidden_size), routing, family.expert_ffn(cfg), shared,
+                     source_prefix=_block(family, cfg, li))
+
+
 def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
-               ) -> tuple[list[LayerSpec], dict[str, str]]:
-    """The MoE layer descriptors and source name -> canonical name for their tensors."""
-    H = int(cfg.hidden_size)
+               ) -> tuple[list[LayerSpec], dict[str, str], dict[str, _Split]]:
+    """The MoE layer descriptors, source name -> canonical name for their plainly stored
+    tensors, and source name -> split rule for their stacked ones."""
+    if family.check is not None:
+        family.check(cfg)
     layers: list[LayerSpec] = []
     rename: dict[str, str] = {}
-    n_layers = int(cfg.num_hidden_layers)
+    splits: dict[str, _Split] = {}
+    n_layers = int(family.n_layers(cfg) if family.n_layers else cfg.num_hidden_layers)
     for li in range(n_layers):
-        block = family.block.format(l=li)
+        block = _block(family, cfg, li)
         router = f"{block}.{family.router}.weight"
         if not family.is_moe_layer(cfg, li):
             if router in sources or any(n.startswith(f"{block}.experts.") for n in sources):
                 raise ConversionError(f"layer {li} should be dense per the config, but the "
                                       f"checkpoint has MoE tensors under {block}", path=str(root))
             continue
-        E = int(family.num_experts(cfg))
-        routing = family.routing(cfg)
-        routing.router_bias = family.router_bias is not None
-        ffn = family.expert_ffn(cfg)
-        shared = None
-        if family.shared_module is not None:
-            shared = SharedExpertsSpec(1, family.shared_ffn(cfg), family.shared_gate is not None)
-        layer = LayerSpec(li, E, H, routing, ffn, shared, source_prefix=block)
+        layer = _layer_spec(family, cfg, li)
+        E = layer.num_experts
         try:
-            routing.check(f"layer {li} routing", E)
+            layer.routing.check(f"layer {li} routing", E)
         except SeifError as exc:
             raise ConversionError(f"config gives an invalid routing for layer {li}: "
                                   f"{exc.one_line()}", path=str(root)) from None
-        mapping = {router: layer.router_name()}
-        if family.router_bias:
-            mapping[f"{block}.{family.router_bias}"] = layer.router_name("bias")
-        if family.selection_bias:
-            mapping[f"{block}.{family.selection_bias}"] = layer.router_name("selection_bias")
-        parts = ("weight", "bias") if ffn.bias else ("weight",)
-        for e in range(E):
-            for proj in ffn.projections:
-                for part in parts:
-                    src = f"{block}.{family.experts[proj].format(e=e)}.{part}"
-                    mapping[src] = layer.expert_name(e, proj, part)
-        if shared is not None:
-            sparts = ("weight", "bias") if shared.ffn.bias else ("weight",)
-            for proj in shared.ffn.projections:
-                for part in sparts:
-                    src = f"{block}.{family.shared[proj].format(p=family.shared_module)}.{part}"
-                    mapping[src] = layer.shared_name(0, proj, part)
-            if shared.gate:
-                mapping[f"{block}.{family.shared_gate}"] = layer.shared_gate_name()
-        missing = [s for s in mapping if s not in sources]
+        mapping, layer_splits = _layer_plan(family, cfg, li, E, layer)
+        wanted = list(mapping) + [sp.source for sp in layer_splits]
+        missing = [s for s in wanted if s not in sources]
         if missing:
             stacked = [n for n in sources if n.startswith(f"{block}.experts.")
                        and n.endswith(("gate_up_proj", "down_proj"))]
-            hint = " (stacked expert tensors are not read yet)" if stacked else ""
+            hint = " (stacked expert tensors are not read for this family)" if stacked else ""
             raise ConversionError(f"layer {li} lacks {len(missing)} MoE tensors the "
                                   f"{family.model_type} layout needs, e.g. {missing[0]}{hint}",
                                   path=str(root))
         # Any other tensor under the experts' prefix (quantization scales, ...) is unexplained.
-        extra = [n for n in sources if n.startswith(f"{block}.experts.") and n not in mapping]
+        extra = [n for n in sources if n.startswith(f"{block}.experts.") and n not in wanted]
         if extra:
             raise ConversionError(f"layer {li} has expert tensors this converter does not map "
                                   f"yet, e.g. {extra[0]}", path=str(root))
+        for sp in layer_splits:
+            got = sources[sp.source].shape
+            if got != sp.source_shape:
+                raise ConversionError(f"stacked tensor has shape {list(got)}; the config "
+                                      f"implies {list(sp.source_shape)}", path=str(root),
+                                      field=sp.source)
+            splits[sp.source] = sp
+        if family.selection_bias:
+            src = f"{block}.{family.selection_bias}"
+            want = tuple(family.selection_bias_lead) + (E,)
+            if sources[src].shape != want:
+                raise ConversionError(f"selection bias has shape {list(sources[src].shape)}, "
+                                      f"expected {list(want)}", path=str(root), field=src)
         layers.append(layer)
         rename.update(mapping)
-    return layers, rename
+    return layers, rename, splits
 
 
 def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
@@ -406,15 +854,26 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
 
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(str(root))
-    layers, rename = _layer_map(family, cfg, sources, root)
+    layers, rename, splits = _layer_map(family, cfg, sources, root)
+    reshaped = {}          # canonical name -> SEIF shape, where it only drops unit dims
+    if family.selection_bias_lead:
+        reshaped = {layer.router_name("selection_bias"): (layer.num_experts,)
+                    for layer in layers}
 
-    canonical = set(rename.values())
+    canonical = set(rename.values()) | {n for sp in splits.values()
+                                        for row in sp.pieces for n in row}
     specs: list[TensorSpec] = []
     for s in sources.values():
+        sp = splits.get(s.name)
+        if sp is not None:
+            for row in sp.pieces:
+                for name, shape in zip(row, sp.shapes):
+                    specs.append(TensorSpec(name, s.dtype, shape, source_name=s.name))
+            continue
         name = rename.get(s.name, s.name)
         if s.name not in rename and name in canonical:
             raise ConversionError("a dense tensor has a canonical SEIF name", field=s.name)
-        specs.append(TensorSpec(name, s.dtype, s.shape, source_name=s.name))
+        specs.append(TensorSpec(name, s.dtype, reshaped.get(name, s.shape), source_name=s.name))
     archs = config.get("architectures") or [None]
     model = ModelInfo(source_framework="transformers", architecture=archs[0],
                       model_type=family.model_type, source_config=config)
@@ -428,13 +887,30 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
             writer.plan(specs)
             fds: dict[Path, int] = {}
             try:
-                for spec, s in zip(specs, sources.values()):
-                    if not writer.needs(spec.name):
-                        continue
+                for s in sources.values():
                     fd = fds.get(s.path)
-                    if fd is None:
-                        fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
-                    writer.write(spec.name, _pread_exact(fd, s.nbytes, s.offset, s.name))
+                    sp = splits.get(s.name)
+                    if sp is None:
+                        name = rename.get(s.name, s.name)
+                        if not writer.needs(name):
+                            continue
+                        if fd is None:
+                            fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
+                        writer.write(name, _pread_exact(fd, s.nbytes, s.offset, s.name))
+                        continue
+                    # Stacked: one expert's slice at a time (contiguous), split, written.
+                    step = s.nbytes // len(sp.pieces)
+                    raw = _raw(s.dtype)
+                    for e, row in enumerate(sp.pieces):
+                        if not any(writer.needs(n) for n in row):
+                            continue
+                        if fd is None:
+                            fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
+                        slab = np.frombuffer(_pread_exact(fd, step, s.offset + e * step,
+                                                          s.name), dtype=raw)
+                        for name, piece in zip(row, _split_slab(sp.rule, slab, sp.shapes)):
+                            if writer.needs(name):
+                                writer.write(name, memoryview(piece.reshape(-1).view(np.uint8)))
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -481,17 +957,58 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
         family = m.model.model_type or m.model.source_config.get("model_type")
         if family not in FAMILIES:
             raise ConversionError(f"family {family!r} is not supported yet", path=str(src))
-        items: list[tuple[str, str, str, list[int], int]] = []   # seif, out, dtype, shape, n
+        fam = FAMILIES[family]
+        # Stacked source tensors are rebuilt from their pieces with the family's rule.
+        piece_of: dict[str, _Split] = {}
+        reshape: dict[str, list[int]] = {}
+        for layer in m.layers:
+            _, layer_splits = _layer_plan(fam, None, layer.index, layer.num_experts, layer)
+            for sp in layer_splits:
+                for row in sp.pieces:
+                    for n in row:
+                        piece_of[n] = sp
+            if fam.selection_bias_lead and layer.routing.selection_bias:
+                reshape[layer.router_name("selection_bias")] = \
+                    list(fam.selection_bias_lead) + [layer.num_experts]
+        # (seif name or split, out name, dtype, shape, nbytes)
+        items: list[tuple[str | _Split, str, str, list[int], int]] = []
         seen: set[str] = set()
         for name, entry in m.tensors.items():
-            target = entry.source_name or name
+            sp = piece_of.get(name)
+            target = sp.source if sp is not None else (entry.source_name or name)
+            if sp is not None and entry.source_name != sp.source:
+                raise ConversionError(f"tensor's source_name is {entry.source_name!r}, but the "
+                                      f"{family} layout stacks it into {sp.source!r}",
+                                      field=name)
             if target in seen:
+                if sp is not None:
+                    continue
                 raise ConversionError("two tensors map to the same source name", field=target)
             seen.add(target)
             stored = m.resolve(name)
-            items.append((name, target, stored.dtype, list(stored.shape),
-                          dtypes.itemsize(stored.dtype) * _numel(stored.shape)))
-        shards: list[list[tuple[str, str, str, list[int], int]]] = [[]]
+            if sp is None:
+                shape = reshape.get(name, list(stored.shape))
+                if _numel(shape) != _numel(stored.shape):
+                    raise ConversionError(f"cannot restore shape {shape} from "
+                                          f"{list(stored.shape)}", field=name)
+                items.append((name, target, stored.dtype, shape,
+                              dtypes.itemsize(stored.dtype) * _numel(stored.shape)))
+                continue
+            for row in sp.pieces:
+                for n, shape in zip(row, sp.shapes):
+                    piece = m.tensors.get(n)
+                    if piece is None:
+                        raise ConversionError(f"stacked {sp.source!r} lacks its piece", field=n)
+                    got = m.resolve(n)
+                    if got.dtype != stored.dtype or tuple(got.shape) != tuple(shape) \
+                            or got.quantization is not None or piece.source_name != sp.source:
+                        raise ConversionError(f"piece of stacked {sp.source!r} has dtype "
+                                              f"{got.dtype}, shape {list(got.shape)}; expected "
+                                              f"{stored.dtype}, {list(shape)}", field=n)
+            shape = list(sp.source_shape)
+            items.append((sp, target, stored.dtype, shape,
+                          dtypes.itemsize(stored.dtype) * _numel(shape)))
+        shards: list[list[tuple[str | _Split, str, str, list[int], int]]] = [[]]
         size = 0
         for item in items:
             if shards[-1] and size + item[4] > max_shard_bytes:
@@ -511,7 +1028,15 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
                     header, _ = _st_header([(t, d, s, n) for _, t, d, s, n in shard])
                     with open(tmp / file, "wb") as fh:
                         fh.write(header)
-                        for name, _, _, _, n in shard:
+                        for name, _, dt, _, n in shard:
+                            if isinstance(name, _Split):
+                                for row in name.pieces:
+                                    slab = _join_slab(name.rule, [
+                                        np.frombuffer(_read_stored(ckpt, p), dtype=_raw(dt))
+                                        for p in row], name.shapes)
+                                    fh.write(memoryview(slab.view(np.uint8)))
+                                    advance(slab.nbytes)
+                                continue
                             sh, offset, length = ckpt.stored_bytes(name)
                             assert length == n
                             done = 0
@@ -540,6 +1065,11 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _read_stored(ckpt, name: str) -> bytes:
+    sh, offset, length = ckpt.stored_bytes(name)
+    return _pread_exact(sh.fd, length, offset, name)
 
 
 def _numel(shape) -> int:
