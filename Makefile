@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test lint fuzz bench venv clean
+.PHONY: demo test test-jax-without-torch lint fuzz bench venv clean
 N ?= 100000
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -23,6 +23,18 @@ test: $(STAMP)
 	$(BIN)/ruff check seif converters runtime tests benchmarks
 	$(BIN)/python -m pytest
 
+# The JAX extra must work without torch: a second, small venv with only .[jax,dev].
+JAX_VENV := .venv-jax
+$(JAX_VENV)/.installed: pyproject.toml
+	test -x $(JAX_VENV)/bin/python || $(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(JAX_VENV)/bin/python -m pip install --quiet -e '.[jax,dev]'
+	touch $@
+
+test-jax-without-torch: $(JAX_VENV)/.installed
+	! $(JAX_VENV)/bin/python -c "import torch" 2>/dev/null
+	$(JAX_VENV)/bin/python -m pytest tests/test_jax.py -p no:warnings -rs
+
 # Long-run reader fuzzing: `make fuzz N=1000000` (inputs); reproducers go to tests/fuzz/crashes/.
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/fuzz_reader.py --count $(N)
@@ -36,4 +48,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check seif converters runtime tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(JAX_VENV) build *.egg-info .pytest_cache

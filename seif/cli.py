@@ -140,5 +140,16 @@ def demo(out: Path | None, seed: int) -> None:
     run_demo(out, seed)
 
 
+def _add_lazy_commands() -> None:
+    """Commands that live in their own modules (kept import-light: no framework at import)."""
+    from .conformance.cli import conformance
+    from .verify import verify_command
+
+    main.add_command(verify_command)
+    main.add_command(conformance)
+
+
+_add_lazy_commands()
+
 if __name__ == "__main__":
     main()

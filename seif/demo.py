@@ -117,6 +117,8 @@ def run_demo(out: Path | None, seed: int = 0) -> Path | None:
                           f"router {list(small.tensor(layer.router_name()).shape)}; "
                           f"{human_bytes(sum(s.size for s in small.manifest.shards))} vs "
                           f"{human_bytes(report.bytes)}")
+        _transformers_leg(out, seed, console)
+        _jax_leg(path, layers, x, console)
         console.rule()
         kept = path if workdir is None else "(temporary; use --out DIR to keep it)"
         console.print(f"demo checkpoint: {kept}")
@@ -124,3 +126,87 @@ def run_demo(out: Path | None, seed: int = 0) -> Path | None:
     finally:
         if workdir is not None:
             workdir.cleanup()
+
+
+# Tiny transformers models of two families that differ in every routing detail. Sizes are small
+# so the demo runs in seconds on a laptop CPU; the weights are random, drawn from the seed.
+_HF_COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=64, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_HF_FAMILIES = {
+    "mixtral": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                        num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=2,
+                        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, head_dim=8),
+}
+
+
+def _transformers_leg(out: Path, seed: int, console) -> None:
+    """transformers -> SEIF -> transformers for two families, then `seif verify` against
+    transformers' own MoE blocks. Skipped (with the reason) without the torch extra."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as exc:
+        console.rule("[bold]7. transformers (skipped)")
+        console.print(f"install seif[torch] for this step ({exc})")
+        return
+    from transformers.utils import logging as hf_logging
+
+    from .convert import convert
+    from .verify import print_report, verify
+
+    hf_logging.disable_progress_bar()
+    console.rule("[bold]7. transformers -> SEIF -> transformers, verified")
+    for family, extra in _HF_FAMILIES.items():
+        hf = out / f"hf-{family}"
+        seif_path = out / f"{family}.seif"
+        back = out / f"hf-{family}-again"
+        for p in (hf, seif_path, back):
+            if p.exists():
+                import shutil
+                shutil.rmtree(p)
+        torch.manual_seed(seed)
+        config = AutoConfig.for_model(family, **_HF_COMMON, **extra)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        if family == "deepseek_v3":  # give the selection bias something to do
+            with torch.no_grad():
+                for layer in model.model.layers[1:]:
+                    layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+        model.save_pretrained(hf)
+        convert(hf, seif_path)
+        convert(seif_path, back, target_format="transformers")
+        again = AutoModelForCausalLM.from_pretrained(back).eval()
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            same = torch.equal(model(ids).logits, again(ids).logits)
+        console.print(f"[bold]{family}[/]: {hf.name} -> {seif_path.name} -> {back.name}; "
+                      f"logits after the round trip bitwise equal: {same}")
+        print_report(verify(hf, seif_path), console)
+
+
+def _jax_leg(path: Path, layers: list[LayerSpec], x: np.ndarray, console) -> None:
+    """The same checkpoint loaded into JAX (stacked experts) and run under jax.jit."""
+    try:
+        import jax
+
+        from .converters import jax as seif_jax
+    except ImportError as exc:
+        console.rule("[bold]8. JAX (skipped)")
+        console.print(f"install seif[jax] for this step ({exc})")
+        return
+    from .moe import moe_forward
+    from .reader import Checkpoint
+
+    console.rule("[bold]8. JAX: load stacked experts, jit the forward")
+    with Checkpoint(path) as ckpt:
+        for layer in layers:
+            params, spec = seif_jax.load_layer(ckpt, layer.index)
+            forward = jax.jit(seif_jax.moe_apply, static_argnames="layer")
+            y = np.asarray(forward(params, x, layer=seif_jax.static(spec)))
+            ref = moe_forward(x, layer, ckpt.moe_params(layer.index))
+            shapes = {k: list(v["kernel"].shape) for k, v in params["experts"].items()}
+            console.print(f"layer {layer.index}: experts {shapes}; jit(moe_apply) vs reference "
+                          f"max|diff| {float(np.max(np.abs(y - ref))):.1e}")

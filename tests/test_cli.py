@@ -10,10 +10,11 @@ from click.testing import CliRunner
 import seif
 from seif.cli import main
 
-COMMANDS = ["inspect", "validate", "convert", "demo"]
+COMMANDS = ["inspect", "validate", "convert", "demo", "verify", "conformance",
+            "conformance run", "conformance list", "conformance generate"]
 
 
-@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+@pytest.mark.parametrize("command", [[]] + [c.split() for c in COMMANDS])
 def test_help(command):
     result = CliRunner().invoke(main, command + ["--help"])
     assert result.exit_code == 0 and "Usage:" in result.output

@@ -1,0 +1,739 @@
+"""SEIF MoE layers as PyTorch modules, and swapping them into transformers models.
+
+`SparseMoE` runs one SEIF MoE layer (spec §5) in torch: every routing kind (`topk`,
+`group_topk`, `sparse_mixer`, `expert_choice`, `soft_moe`), capacity with both drop policies,
+selection bias, every normalization, `weight_on: input`, shared experts with their gate, and every
+expert activation. It is written from the spec, independently of the NumPy reference
+(`seif.moe.moe_forward`), and the tests compare the two.
+
+Numerics (spec §6): router logits, scores, choice values and weights are float32 whatever the
+weight dtype; top-k takes the lower expert index on ties, NaN first, -0 == +0 (`topk_lowest_index`
+is a stable sort, never `torch.topk`, whose tie order is undefined). Experts run in the weights'
+dtype (or `compute_dtype`), their activations in float32; outputs are combined in float32 and
+returned in the input's dtype.
+
+Dispatch is sorted-token grouped: the (token, slot) assignments are sorted by expert once, each
+expert's rows are then contiguous, and the projections run as one `torch._grouped_mm` over all
+experts where this torch supports it for the device and dtype (probed once; CPU float32 / bf16 /
+fp16 in torch 2.13 need 16-byte aligned row strides), else as one matmul per active expert.
+
+    moe = seif.converters.torch.load_layer("mixtral.seif", 0)      # nn.Module
+    y = moe(hidden_states)                                         # [T, H] or [B, S, H]
+
+    replace_moe_blocks(model, "mixtral.seif")                      # transformers model, in place
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seif.errors import ConversionError, RoutingError
+from seif.manifest import FFNSpec, LayerSpec
+
+__all__ = [
+    "SparseMoE",
+    "find_moe_block",
+    "grouped_mm_supported",
+    "shared_outside_block",
+    "load_layer",
+    "replace_moe_blocks",
+    "topk_lowest_index",
+]
+
+_TORCH_DTYPES = {
+    "f32": torch.float32, "float32": torch.float32, "F32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "BF16": torch.bfloat16,
+    "f16": torch.float16, "float16": torch.float16, "F16": torch.float16,
+    "f64": torch.float64, "float64": torch.float64, "F64": torch.float64,
+}
+
+
+def _torch_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _TORCH_DTYPES:
+        return _TORCH_DTYPES[dtype]
+    raise ConversionError(f"unknown dtype {dtype!r} (use one of f32, bf16, f16, f64)")
+
+
+def _from_numpy(a) -> torch.Tensor:
+    """A torch copy of a NumPy array, keeping bf16 / f16 / f32 / f64; anything else (fp8, ints
+    stored as weights) becomes float32."""
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":       # ml_dtypes; torch.from_numpy does not know it
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+    if a.dtype in (np.float16, np.float32, np.float64):
+        return torch.from_numpy(np.array(a, copy=True))
+    return torch.from_numpy(a.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- routing helpers
+def topk_lowest_index(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest entries along the last axis, best first (spec §6.2).
+
+    NaN ranks above everything (NaNs among themselves by index), larger first, equal values
+    (+0 == -0 included) to the lower index. Built from two stable sorts, which compose
+    lexicographically: first by value descending (NaN keyed as 0, -0 turned into +0 by adding
+    +0), then by is-NaN descending; a stable sort keeps the index order among equal keys.
+    """
+    n = values.shape[-1]
+    if isinstance(k, bool) or not 0 <= int(k) <= n:
+        raise RoutingError(f"k = {k!r} is not in [0, {n}]")
+    nan = torch.isnan(values)
+    key = torch.where(nan, torch.zeros_like(values), values) + 0.0
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    if bool(nan.any()):
+        nan_sorted = torch.gather(nan, -1, order).to(torch.uint8)
+        order = torch.gather(order, -1,
+                             torch.sort(nan_sorted, dim=-1, descending=True, stable=True).indices)
+    return order[..., : int(k)]
+
+
+def _scores(z: torch.Tensor, scoring: str, dim: int = -1) -> torch.Tensor:
+    if scoring in ("softmax", "softmax_topk"):
+        return torch.softmax(z, dim=dim) if z.numel() else z.clone()
+    if scoring in ("sigmoid", "sigmoid_topk"):
+        return torch.sigmoid(z)
+    raise RoutingError(f"unknown scoring {scoring!r}")
+
+
+def _activate(name: str, g: torch.Tensor | None, u: torch.Tensor, alpha: float,
+              limit: float) -> torch.Tensor:
+    """Spec §5.13, on float32 inputs."""
+    if name == "swiglu":
+        return F.silu(g) * u
+    if name == "geglu":
+        return F.gelu(g) * u
+    if name == "geglu_tanh":
+        return F.gelu(g, approximate="tanh") * u
+    if name == "swiglu_oai":
+        g = torch.clamp(g, max=limit)
+        u = torch.clamp(u, min=-limit, max=limit)
+        return (u + 1.0) * (g * torch.sigmoid(alpha * g))
+    if name == "relu":
+        return F.relu(u)
+    if name == "gelu":
+        return F.gelu(u)
+    if name == "gelu_tanh":
+        return F.gelu(u, approximate="tanh")
+    if name == "silu":
+        return F.silu(u)
+    if name == "relu2":
+        return torch.square(F.relu(u))
+    raise RoutingError(f"unknown activation {name!r}")
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `torch._grouped_mm` runs (correctly) on `device` for `dtype` in this torch.
+    Probed once per (device type, dtype) on a tiny aligned problem."""
+    dev = torch.device(device)
+    key = (dev.type, dtype)
+    if key not in _GROUPED_OK:
+        ok = False
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                gen = torch.Generator().manual_seed(0)
+                a = torch.randn(6, 8, generator=gen).to(dev, dtype)
+                b = torch.randn(3, 8, 8, generator=gen).to(dev, dtype)
+                offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=dev)
+                got = torch._grouped_mm(a, b, offs=offs).float()
+                want = torch.cat([a[:2].float() @ b[0].float(), a[2:6].float() @ b[2].float()])
+                ok = got.shape == want.shape and bool(
+                    torch.allclose(got, want, rtol=5e-2, atol=5e-2))
+            except Exception:  # not built for this device/dtype: fall back, never fail
+                ok = False
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
+
+
+# --------------------------------------------------------------------------- the module
+class SparseMoE(nn.Module):
+    """One SEIF MoE layer (spec §5) as an `nn.Module`.
+
+    Build it with `from_params(layer_spec, MoEParams)` or `from_checkpoint(path, l)`; forward
+    takes hidden states `[T, H]` or `[B, S, H]` and returns the same shape and dtype. With `[B, S,
+    H]`, layers whose routing couples tokens (capacity, expert choice, Soft MoE) route each
+    sequence as its own group (spec §5.1); others route all B*S tokens at once.
+
+    Parameters (stacked per expert): `router_weight` [E, H] ([E*S, H] for soft_moe),
+    `router_bias` [E], buffer `selection_bias` [E], `gate_proj` / `up_proj` [E, I, H],
+    `down_proj` [E, H, I] (+ `*_bias`), shared experts `shared_gate_proj` / `shared_up_proj`
+    [n, I_s, H], `shared_down_proj` [n, H, I_s] (+ biases) and `shared_expert_gate` [1, H].
+
+    `grouped_mm`: None picks `torch._grouped_mm` when supported (see `grouped_mm_supported`),
+    False forces one matmul per active expert. `last_dispatch` says which ran last.
+    `return_router_logits` makes forward return `(out, router_logits)` (the calling convention
+    of some transformers decoder layers).
+    """
+
+    def __init__(self, layer: LayerSpec, dtype: torch.dtype = torch.float32, *,
+                 compute_dtype: torch.dtype | None = None, grouped_mm: bool | None = None,
+                 return_router_logits: bool = False):
+        super().__init__()
+        r = layer.routing
+        r.check("routing", layer.num_experts)
+        self.spec = layer
+        self.compute_dtype = compute_dtype
+        self.grouped_mm = grouped_mm
+        self.return_router_logits = return_router_logits
+        self.last_dispatch: str | None = None
+        E, H = layer.num_experts, layer.hidden_size
+        rows = E * r.slots_per_expert if r.kind == "soft_moe" else E
+
+        def param(*shape):
+            return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
+
+        self.router_weight = param(rows, H)
+        self.router_bias = param(rows) if r.router_bias else None
+        self.register_buffer("selection_bias",
+                             torch.zeros(E, dtype=dtype) if r.selection_bias else None)
+        self._ffn_params("", layer.experts, E, param)
+        se = layer.shared_experts
+        if se is not None:
+            self._ffn_params("shared_", se.ffn, se.count, param)
+        self.shared_expert_gate = param(1, H) if se is not None and se.gate else None
+
+    def _ffn_params(self, prefix: str, ffn: FFNSpec, n: int, param) -> None:
+        H, I = self.spec.hidden_size, ffn.intermediate_size
+        shapes = {"gate": (n, I, H), "up": (n, I, H), "down": (n, H, I)}
+        for proj in ("gate", "up", "down"):
+            used = proj in ffn.projections
+            setattr(self, f"{prefix}{proj}_proj", param(*shapes[proj]) if used else None)
+            setattr(self, f"{prefix}{proj}_proj_bias",
+                    param(n, shapes[proj][1]) if used and ffn.bias else None)
+
+    def extra_repr(self) -> str:
+        r = self.spec.routing
+        return (f"layer={self.spec.index}, experts={self.spec.num_experts}, kind={r.kind}, "
+                f"top_k={r.top_k}, activation={self.spec.experts.activation}")
+
+    # -- construction
+    @classmethod
+    def from_params(cls, layer: LayerSpec, params, dtype=None, **kwargs) -> SparseMoE:
+        """Build from `seif.moe.MoEParams` (NumPy arrays, any float dtype incl. ml_dtypes bf16).
+        `dtype` (torch dtype or 'bf16'/'f32'/...) casts the expert weights (routed and shared);
+        by default the experts' stored dtype is kept. Router weight and bias, selection bias
+        and shared-expert gate always keep their stored dtype (the router runs in float32 on
+        them whatever it is)."""
+        dtype = _torch_dtype(dtype)
+        if len(params.experts) != layer.num_experts:
+            raise RoutingError(f"{len(params.experts)} expert weight sets for "
+                               f"{layer.num_experts} experts")
+        first = _from_numpy(params.experts[0]["up"]) if params.experts else None
+        dtype = dtype or (first.dtype if first is not None else torch.float32)
+        module = cls(layer, dtype, **kwargs)
+
+        def put(name: str, array, keep_dtype: bool = False) -> None:
+            target = getattr(module, name)
+            value = _from_numpy(array)
+            if target is None or tuple(value.shape) != tuple(target.shape):
+                raise RoutingError(f"{name} is {list(value.shape)}; expected "
+                                   f"{None if target is None else list(target.shape)}")
+            if keep_dtype:          # router tensors keep their stored precision
+                target.data = value
+            else:
+                target.data.copy_(value.to(dtype))
+
+        put("router_weight", params.router_weight, True)
+        if layer.routing.router_bias:
+            put("router_bias", params.router_bias, True)
+        elif params.router_bias is not None:
+            raise RoutingError("router bias given but routing.router_bias is not set")
+        if layer.routing.selection_bias:
+            put("selection_bias", params.selection_bias, True)
+        elif params.selection_bias is not None:
+            raise RoutingError("selection bias given but routing.selection_bias is not set")
+        module._put_ffns("", layer.experts, params.experts, put)
+        se = layer.shared_experts
+        if len(params.shared) != (se.count if se else 0):
+            raise RoutingError(f"{len(params.shared)} shared expert weight sets for "
+                               f"{se.count if se else 0}")
+        if se is not None:
+            module._put_ffns("shared_", se.ffn, params.shared, put)
+            if se.gate:
+                put("shared_expert_gate", params.shared_gate, True)
+        return module
+
+    @staticmethod
+    def _put_ffns(prefix: str, ffn: FFNSpec, weights: list[dict], put) -> None:
+        for proj in ffn.projections:
+            put(f"{prefix}{proj}_proj", np.stack([w[proj] for w in weights]))
+            if ffn.bias:
+                put(f"{prefix}{proj}_proj_bias", np.stack([w[f"{proj}_bias"] for w in weights]))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, l: int, dtype=None, **kwargs) -> SparseMoE:
+        """Build from layer `l` (the source model's decoder-layer index) of a SEIF checkpoint.
+        Stored bf16/f16/f32 weights keep their dtype unless `dtype` is given; quantized
+        weights (fp8-block, mxfp4, int-group) are dequantized to float32 (then cast)."""
+        layer, params = _read_layer(path, l)
+        return cls.from_params(layer, params, dtype, **kwargs)
+
+    # -- forward
+    def forward(self, hidden_states: torch.Tensor):
+        H = self.spec.hidden_size
+        if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != H:
+            raise RoutingError(f"hidden states are {list(hidden_states.shape)}; expected "
+                               f"[T, {H}] or [B, S, {H}]")
+        shape, in_dtype = hidden_states.shape, hidden_states.dtype
+        x = hidden_states.reshape(-1, H).float()
+        logits = F.linear(x, self.router_weight.float(),
+                          None if self.router_bias is None else self.router_bias.float())
+        r = self.spec.routing
+        coupled = r.capacity is not None or r.kind in ("expert_choice", "soft_moe")
+        if hidden_states.dim() == 3 and coupled and shape[0] > 1:
+            S = shape[1]
+            out = torch.cat([self._forward_group(x[b * S:(b + 1) * S], logits[b * S:(b + 1) * S])
+                             for b in range(shape[0])])
+        else:
+            out = self._forward_group(x, logits)
+        out = out.to(in_dtype).reshape(shape)
+        if self.return_router_logits:
+            return out, logits.to(in_dtype)
+        return out
+
+    def _forward_group(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """One routing group: x [T, H] float32, logits [T, E(*S)] float32 -> [T, H] float32."""
+        T, H = x.shape
+        if T == 0:
+            return x.new_zeros(0, H)
+        kind = self.spec.routing.kind
+        if kind in ("topk", "group_topk", "sparse_mixer"):
+            out = self._token_choice(x, logits)
+        elif kind == "expert_choice":
+            out = self._expert_choice(x, logits)
+        elif kind == "soft_moe":
+            out = self._soft_moe(x, logits)
+        else:
+            raise RoutingError(f"unknown routing kind {kind!r}")
+        if self.spec.shared_experts is not None:
+            out = out + self._shared(x)
+        return out
+
+    # -- routing
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token-choice routing of x [T, H] as one group: (indices [T, k] int64 best first,
+        weights [T, k] float32 after normalize and scale, kept [T, k] bool)."""
+        x = x.reshape(-1, self.spec.hidden_size).float()
+        logits = F.linear(x, self.router_weight.float(),
+                          None if self.router_bias is None else self.router_bias.float())
+        return self._route(logits)
+
+    def _route(self, z: torch.Tensor):
+        r, E = self.spec.routing, self.spec.num_experts
+        T, k = z.shape[0], r.top_k
+        if r.kind == "sparse_mixer":
+            idx, w = _sparse_mixer(z, r.jitter_eps)
+        else:
+            late = r.scoring in ("softmax_topk", "sigmoid_topk")
+            s = z if late else _scores(z, r.scoring)
+            c = s if self.selection_bias is None else s + self.selection_bias.float()
+            if r.kind == "group_topk":
+                c = _group_mask(c, r.n_group, r.topk_group, r.group_score, r.group_mask)
+            idx = topk_lowest_index(c, k)
+            w = torch.gather(s, -1, idx)
+            if late:
+                w = _scores(w, r.scoring)
+        if r.normalize != "none":
+            if r.normalize == "sum":
+                size = w.sum(dim=-1, keepdim=True)
+            elif r.normalize == "lp":
+                size = torch.pow(torch.pow(w.abs(), r.norm_p).sum(dim=-1, keepdim=True),
+                                 1.0 / r.norm_p)
+            else:
+                raise RoutingError(f"unknown normalize {r.normalize!r}")
+            eps = torch.tensor(r.epsilon, dtype=torch.float32)
+            if r.epsilon_rule == "add":
+                size = size + eps
+            elif r.epsilon_rule == "clamp":
+                size = torch.maximum(size, eps)
+            else:
+                raise RoutingError(f"unknown epsilon_rule {r.epsilon_rule!r}")
+            w = w / size
+        w = w * torch.tensor(r.scale, dtype=torch.float32)
+        if r.capacity is not None:
+            kept = _capacity_keep(idx, E, r.capacity.per_expert(T, E, k))
+        else:
+            kept = torch.ones_like(idx, dtype=torch.bool)
+        return idx, w, kept
+
+    def _token_choice(self, x, z):
+        r = self.spec.routing
+        idx, w, kept = self._route(z)
+        T, k = idx.shape
+        flat_e, flat_w, flat_kept = idx.reshape(-1), w.reshape(-1), kept.reshape(-1)
+        slots = torch.nonzero(flat_kept).squeeze(1) if r.capacity is not None \
+            else torch.arange(T * k, device=x.device)
+        order = torch.sort(flat_e[slots], stable=True).indices     # group by expert, once
+        slots = slots[order]
+        experts = flat_e[slots]
+        tokens = torch.div(slots, k, rounding_mode="floor")
+        ws = flat_w[slots].unsqueeze(1)
+        xs = x[tokens]
+        if r.weight_on == "input":
+            ys = self._experts(ws * xs, experts)
+        else:
+            ys = ws * self._experts(xs, experts)
+        contrib = x.new_zeros(T * k, x.shape[1])
+        contrib[slots] = ys
+        if r.capacity is not None and r.capacity.drop_policy == "passthrough_scaled":
+            dropped = torch.nonzero(~flat_kept).squeeze(1)
+            contrib[dropped] = flat_w[dropped].unsqueeze(1) * \
+                x[torch.div(dropped, k, rounding_mode="floor")]
+        contrib = contrib.view(T, k, -1)
+        out = torch.zeros_like(x)
+        for j in range(k):                     # a fixed accumulation order, slot by slot
+            out = out + contrib[:, j]
+        return out
+
+    def _expert_choice(self, x, z):
+        r, E = self.spec.routing, self.spec.num_experts
+        T = x.shape[0]
+        if r.scoring not in ("softmax", "sigmoid"):
+            raise RoutingError(f"expert_choice scores with softmax or sigmoid, not {r.scoring!r}")
+        s = _scores(z, r.scoring).t()                        # [E, T]
+        C = r.capacity.per_expert(T, E, 1, clip=True)
+        tok = topk_lowest_index(s, C)                        # [E, C]: expert-major = sorted
+        g = torch.gather(s, -1, tok) * torch.tensor(r.scale, dtype=torch.float32)
+        tokens, ws = tok.reshape(-1), g.reshape(-1, 1)
+        experts = torch.arange(E, device=x.device).repeat_interleave(C)
+        if r.weight_on == "input":
+            ys = self._experts(ws * x[tokens], experts)
+        else:
+            ys = ws * self._experts(x[tokens], experts)
+        out = torch.zeros_like(x)
+        for e in range(E):        # an expert's C tokens are distinct: deterministic, no atomics
+            out[tokens[e * C:(e + 1) * C]] += ys[e * C:(e + 1) * C]
+        return out
+
+    def _soft_moe(self, x, z):
+        E, S = self.spec.num_experts, self.spec.routing.slots_per_expert
+        dispatch = torch.softmax(z, dim=0)                   # over tokens
+        combine = torch.softmax(z, dim=1)                    # over slots
+        slot_in = dispatch.t() @ x                           # [E*S, H], expert-major
+        slot_out = self._experts(slot_in, torch.arange(E, device=x.device).repeat_interleave(S))
+        return combine @ slot_out
+
+    def _shared(self, x):
+        se = self.spec.shared_experts
+        out = torch.zeros_like(x)
+        for s in range(se.count):
+            out = out + self._ffn(x, "shared_", se.ffn, s)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(x @ self.shared_expert_gate.float().t()) * out
+        return out
+
+    # -- expert computation
+    def _cdt(self) -> torch.dtype:
+        return self.compute_dtype or self.up_proj.dtype
+
+    def _ffn(self, x, prefix: str, ffn: FFNSpec, s: int) -> torch.Tensor:
+        """FFN `s` of a stacked group (the shared experts) on x [N, H] float32 -> float32."""
+        cdt = self._cdt()
+
+        def proj(name, inp):
+            w = getattr(self, f"{prefix}{name}_proj")[s].to(cdt)
+            b = getattr(self, f"{prefix}{name}_proj_bias")
+            return F.linear(inp, w, None if b is None else b[s].to(cdt)).float()
+
+        xs = x.to(cdt)
+        u = proj("up", xs)
+        g = proj("gate", xs) if ffn.gated else None
+        return proj("down", _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt))
+
+    def _use_grouped(self, cdt: torch.dtype, device: torch.device) -> bool:
+        if self.grouped_mm is False:
+            return False
+        I, H = self.spec.experts.intermediate_size, self.spec.hidden_size
+        item = torch.empty((), dtype=cdt).element_size()
+        aligned = (H * item) % 16 == 0 and (I * item) % 16 == 0
+        return aligned and grouped_mm_supported(device, cdt)
+
+    def _experts(self, xs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Routed experts on rows xs [N, H] (float32) sorted by `experts` [N] -> [N, H] f32."""
+        ffn, E = self.spec.experts, self.spec.num_experts
+        cdt = self._cdt()
+        xs = xs.to(cdt).contiguous()
+        counts = torch.bincount(experts, minlength=E)
+        if xs.shape[0] == 0:
+            return xs.new_zeros(0, self.spec.hidden_size, dtype=torch.float32)
+        if self._use_grouped(cdt, xs.device):
+            try:
+                out = self._experts_grouped(xs, experts, counts, ffn, cdt)
+                self.last_dispatch = "grouped_mm"
+                return out
+            except RuntimeError:       # an unsupported layout after all: fall back, for good
+                self.grouped_mm = False
+        self.last_dispatch = "per_expert"
+        return self._experts_loop(xs, counts, ffn, cdt)
+
+    def _weights(self, name: str, cdt):
+        w = getattr(self, f"{name}_proj")
+        b = getattr(self, f"{name}_proj_bias")
+        return w.to(cdt), None if b is None else b.to(cdt)
+
+    def _experts_grouped(self, xs, experts, counts, ffn, cdt):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+
+        def proj(name, inp):
+            w, b = self._weights(name, cdt)
+            y = torch._grouped_mm(inp, w.transpose(1, 2), offs=offs)
+            return y if b is None else y + b[experts]
+
+        u = proj("up", xs).float()
+        g = proj("gate", xs).float() if ffn.gated else None
+        h = _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt).contiguous()
+        return proj("down", h).float()
+
+    def _experts_loop(self, xs, counts, ffn, cdt):
+        out = torch.empty(xs.shape[0], self.spec.hidden_size, dtype=torch.float32,
+                          device=xs.device)
+        ends = torch.cumsum(counts, 0).tolist()
+        start = 0
+        weights = {p: self._weights(p, cdt) for p in ffn.projections}
+        for e, end in enumerate(ends):
+            if end == start:
+                continue
+            rows = xs[start:end]
+
+            def proj(name, inp, e=e):
+                w, b = weights[name]
+                return F.linear(inp, w[e], None if b is None else b[e])
+
+            u = proj("up", rows).float()
+            g = proj("gate", rows).float() if ffn.gated else None
+            h = _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt)
+            out[start:end] = proj("down", h).float()
+            start = end
+        return out
+
+
+def _group_mask(c: torch.Tensor, G: int, keep: int, score: str, mask: str) -> torch.Tensor:
+    """Spec §5.5: keep the experts of the `keep` best of G contiguous groups."""
+    T, E = c.shape
+    P = E // G
+    grouped = c.reshape(T, G, P)
+    if score == "max":
+        gs = grouped.amax(dim=-1)
+    elif score == "top2_sum":
+        top2 = torch.gather(grouped, -1, topk_lowest_index(grouped, 2))
+        gs = top2[..., 0] + top2[..., 1]
+    else:
+        raise RoutingError(f"unknown group_score {score!r}")
+    kept = torch.zeros(T, G, dtype=torch.bool, device=c.device)
+    kept = kept.scatter_(-1, topk_lowest_index(gs, keep), True)
+    kept = kept.repeat_interleave(P, dim=-1)
+    if mask == "neg_inf":
+        fill = float("-inf")
+    elif mask == "zero":
+        fill = 0.0
+    else:
+        raise RoutingError(f"unknown group_mask {mask!r}")
+    return torch.where(kept, c, torch.tensor(fill, dtype=c.dtype, device=c.device))
+
+
+def _sparse_mixer(z: torch.Tensor, jitter_eps: float):
+    """Spec §5.11 (PhiMoE inference form), k = 2."""
+    threshold = torch.tensor(2 * jitter_eps, dtype=torch.float32)
+    neg_inf = torch.tensor(float("-inf"), dtype=z.dtype)
+    magnitude = z.abs()
+    eligible = z
+    idx, w = [], []
+    for _ in range(2):
+        i = topk_lowest_index(eligible, 1)                       # [T, 1]
+        m = torch.gather(eligible, -1, i)
+        masked = (m - z) / torch.maximum(magnitude, m) > threshold   # NaN -> False
+        probs = torch.softmax(torch.where(masked, neg_inf, eligible), dim=-1)
+        idx.append(i)
+        w.append(torch.gather(probs, -1, i))
+        eligible = eligible.scatter(-1, i, float("-inf"))
+    return torch.cat(idx, dim=-1), torch.cat(w, dim=-1)
+
+
+def _capacity_keep(idx: torch.Tensor, E: int, C: int) -> torch.Tensor:
+    """Spec §5.6: an assignment is kept when fewer than C earlier ones (choice-major,
+    token-minor) went to the same expert."""
+    T, k = idx.shape
+    flat = idx.t().reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=E)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(flat.numel(), device=idx.device) - starts[flat[order]]
+    return (rank < C).view(k, T).t()
+
+
+def _read_layer(path: str | os.PathLike, l: int):
+    """(LayerSpec, MoEParams) of layer `l`, weights in their stored dtype (quantized ones
+    dequantized to float32)."""
+    import seif
+    from seif.moe import MoEParams
+
+    with seif.open(path) as ckpt:
+        layer = ckpt.layer(l)
+
+        def get(name: str):
+            if ckpt.info(name).quantization is not None:
+                return ckpt.dequantized(name)
+            return ckpt.tensor(name)
+
+        return layer, MoEParams.from_tensors(layer, get)
+
+
+def load_layer(path: str | os.PathLike, l: int, dtype=None, **kwargs) -> SparseMoE:
+    """`SparseMoE.from_checkpoint(path, l)`: layer `l` (source decoder-layer index) of a SEIF
+    checkpoint as an nn.Module taking [T, H] or [B, S, H]."""
+    return SparseMoE.from_checkpoint(path, l, dtype, **kwargs)
+
+
+# --------------------------------------------------------------------------- transformers models
+def _family(model_type: str | None):
+    from seif.converters.transformers import FAMILIES
+    return FAMILIES.get(model_type) if model_type else None
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    for candidate in (name, name[len("model."):] if name.startswith("model.") else None):
+        if candidate is None:
+            continue
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def find_moe_block(model: nn.Module, l: int, model_type: str | None = None,
+                   source_prefix: str | None = None) -> tuple[str, nn.Module]:
+    """(qualified name, module) of decoder layer `l`'s MoE block in a transformers model.
+
+    The converter's family table says where the block's tensors live on disk (`block`, e.g.
+    Mixtral's `model.layers.{l}.block_sparse_moe`); in memory transformers 5.x may name it
+    differently (Mixtral: `mlp`), so a module path field of the family is used when the table
+    has one, then the disk path, then the child of the decoder layer that holds `experts`.
+    """
+    model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
+    family = _family(model_type)
+    paths: list[str] = []
+    config = getattr(model, "config", None)
+    if family is not None:
+        for attr in ("module", "module_path", "block_module"):
+            paths.append(_block_path(getattr(family, attr, None), config, l))
+    paths.append(source_prefix)
+    if family is not None:
+        paths.append(_block_path(family.block, config, l))
+    paths = list(dict.fromkeys(p for p in paths if p))
+    if not paths:
+        raise ConversionError(f"family {model_type!r} is not in the transformers converter's "
+                              "table and the layer names no source prefix; cannot locate its "
+                              "MoE block")
+    for path in paths:
+        block = _submodule(model, path)
+        if block is not None and _looks_like_moe(block):
+            return path, block
+    parent_path = paths[-1].rsplit(".", 1)[0]
+    parent = _submodule(model, parent_path)
+    if parent is not None:
+        found = [(f"{parent_path}.{n}", m) for n, m in parent.named_children()
+                 if _looks_like_moe(m)]
+        if len(found) == 1:
+            return found[0]
+    raise ConversionError(f"cannot find the MoE block of layer {l} in this {model_type} model "
+                          f"(looked at {', '.join(paths)} and the children of {parent_path})")
+
+
+def shared_outside_block(family, l: int, block_name: str) -> str | None:
+    """The module path of layer `l`'s shared experts when the family keeps them outside the MoE
+    block (the converter table's `shared_prefix`, e.g. GraniteMoeShared's
+    `model.layers.{l}.shared_mlp`), else None."""
+    prefix = getattr(family, "shared_prefix", None) if family is not None else None
+    if not isinstance(prefix, str):
+        return None
+    path = prefix.format(l=l)
+    return None if path.startswith(block_name + ".") else path
+
+
+def _block_path(value, config, l: int) -> str | None:
+    """A family table path: a template with {l}, or a function (config, l) -> path."""
+    if isinstance(value, str):
+        return value.format(l=l)
+    if callable(value) and config is not None:
+        try:
+            out = value(config, l)
+        except Exception:
+            return None
+        return out if isinstance(out, str) else None
+    return None
+
+
+def _looks_like_moe(module: nn.Module) -> bool:
+    return isinstance(module, SparseMoE) or hasattr(module, "experts")
+
+
+def _returns_tuple(block: nn.Module, hidden: int) -> bool:
+    """Whether the block returns (hidden_states, router_output) (gpt-oss, Llama 4) rather than
+    a tensor (most families); found by calling it once on two zero tokens."""
+    if isinstance(block, SparseMoE):
+        return block.return_router_logits
+    try:
+        p = next(block.parameters())
+        with torch.no_grad():
+            out = block(torch.zeros(1, 2, hidden, dtype=p.dtype, device=p.device))
+    except Exception:
+        return False
+    return isinstance(out, tuple)
+
+
+def replace_moe_blocks(model: nn.Module, seif_path: str | os.PathLike, *,
+                       layers: Iterable[int] | None = None, dtype=None,
+                       **kwargs) -> list[str]:
+    """Swap the MoE blocks of a transformers model for `SparseMoE` modules built from the SEIF
+    checkpoint at `seif_path` (in place); returns the qualified names replaced.
+
+    Blocks are found through the transformers converter's family table for
+    `model.config.model_type`. Each new module follows the replaced block's return convention
+    (a tensor, or `(tensor, router_logits)`) and takes the dtype and device of its parameters
+    unless `dtype` is given. `layers` limits the swap to these decoder-layer indices.
+    """
+    import seif
+
+    wanted = None if layers is None else set(layers)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    replaced = []
+    with seif.open(seif_path) as ckpt:
+        stored = ckpt.manifest.model.model_type
+        if stored and model_type and stored != model_type:
+            raise ConversionError(f"the checkpoint is a {stored} model, the model a {model_type}",
+                                  path=str(seif_path))
+        specs = [s for s in ckpt.layers if wanted is None or s.index in wanted]
+    family = _family(model_type)
+    for spec in specs:
+        name, block = find_moe_block(model, spec.index, model_type, spec.source_prefix)
+        p = next(block.parameters(), None)
+        target = _torch_dtype(dtype) or (p.dtype if p is not None else torch.float32)
+        device = p.device if p is not None else torch.device("cpu")
+        layer, params = _read_layer(seif_path, spec.index)
+        if shared_outside_block(family, spec.index, name) is not None:
+            # The decoder layer adds this family's shared MLP itself (GraniteMoeShared): the
+            # swapped block must not add it a second time.
+            layer = dataclasses.replace(layer, shared_experts=None)
+            params.shared, params.shared_gate = [], None
+        new = SparseMoE.from_params(
+            layer, params, target,
+            return_router_logits=_returns_tuple(block, spec.hidden_size), **kwargs).to(device)
+        parent_name, _, attr = name.rpartition(".")
+        parent = _submodule(model, parent_name) if parent_name else model
+        setattr(parent, attr, new)
+        replaced.append(name)
+    return replaced
