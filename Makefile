@@ -19,7 +19,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/seif demo
 
-test: $(STAMP)
+# The tests use the native ai.seif kernels, so `make test` builds them (a no-op when up to date).
+test: $(STAMP) native
 	$(BIN)/ruff check seif converters runtime tests benchmarks
 	$(BIN)/python -m pytest
 
@@ -49,3 +50,5 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(JAX_VENV) build *.egg-info .pytest_cache
+
+include runtime/native.mk

@@ -1,0 +1,42 @@
+// Run-time choice between the AVX2 and the baseline GEMM kernels.
+#include "seif_kernels.h"
+
+namespace seif {
+namespace generic {
+void gemm_nt(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const void*, DType,
+             int64_t, const void*, float*, int64_t);
+}
+#if defined(SEIF_HAVE_AVX2_GEMM)
+namespace avx2 {
+void gemm_nt(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const void*, DType,
+             int64_t, const void*, float*, int64_t);
+}
+#endif
+
+namespace {
+bool use_avx2() {
+#if defined(SEIF_HAVE_AVX2_GEMM) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+const char* gemm_isa() { return use_avx2() ? "avx2" : "generic"; }
+
+void gemm_nt(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
+             const void* B, DType bt, int64_t ldb, const void* bias, float* C, int64_t ldc) {
+  if (M <= 0 || n1 <= n0) return;
+#if defined(SEIF_HAVE_AVX2_GEMM)
+  if (use_avx2()) return avx2::gemm_nt(M, n0, n1, K, A, lda, B, bt, ldb, bias, C, ldc);
+#endif
+  generic::gemm_nt(M, n0, n1, K, A, lda, B, bt, ldb, bias, C, ldc);
+}
+
+}  // namespace seif

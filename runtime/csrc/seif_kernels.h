@@ -1,0 +1,150 @@
+// SEIF ai.seif custom ops: the device-independent part (attributes, dtypes, CPU kernels).
+//
+// Nothing here includes ONNX Runtime: the CPU kernels work on plain pointers so they can be
+// unit-tested and reused. seif_ort.cpp adapts them to ORT's custom-op API.
+// Semantics: seif/routing.py and seif/moe.py (spec/seif-v1.md §5-6). All math is float32
+// except the expert activations, which are computed in float64 and rounded once, as the
+// reference does.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace seif {
+
+// ----------------------------------------------------------------------------- errors
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// ----------------------------------------------------------------------------- dtypes
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+const char* dtype_name(DType t);
+
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);  // round to nearest even
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+uint16_t float_to_bf16(float f);  // round to nearest even, NaN stays NaN
+
+// Convert n elements of type `t` at `src` to float32 (and back).
+void to_float(const void* src, DType t, size_t n, float* dst);
+void from_float(const float* src, size_t n, DType t, void* dst);
+size_t dtype_size(DType t);
+
+// ----------------------------------------------------------------------------- attributes
+enum class Kind { TopK, GroupTopK, SparseMixer, ExpertChoice, SoftMoE };
+enum class Scoring { Softmax, Sigmoid, SoftmaxTopK, SigmoidTopK };
+enum class Normalize { None, Sum, Lp };
+enum class EpsRule { Add, Clamp };
+enum class GroupScore { Max, Top2Sum };
+enum class GroupMask { NegInf, Zero };
+enum class Activation { SwiGLU, GeGLU, GeGLUTanh, SwiGLUOai, ReLU, GeLU, GeLUTanh, SiLU, ReLU2 };
+enum class WeightOn { Output, Input };
+enum class DropPolicy { Zero, PassthroughScaled };
+
+struct Attrs {
+  Kind kind = Kind::TopK;
+  int64_t top_k = 1;
+  Scoring scoring = Scoring::Softmax;
+  Normalize normalize = Normalize::None;
+  float norm_p = 1.0f;
+  float epsilon = 0.0f;
+  EpsRule epsilon_rule = EpsRule::Add;
+  float scale = 1.0f;
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  GroupScore group_score = GroupScore::Max;
+  GroupMask group_mask = GroupMask::NegInf;
+  float jitter_eps = 0.0f;
+  int64_t capacity_tokens = 0;
+  float capacity_factor = 0.0f;
+  // SeifMoE only
+  Activation activation = Activation::SwiGLU;
+  float alpha = 1.702f;
+  float limit = 7.0f;
+  WeightOn weight_on = WeightOn::Output;
+  DropPolicy drop_policy = DropPolicy::Zero;
+  int64_t slots_per_expert = 0;
+
+  bool has_capacity() const { return capacity_tokens > 0 || capacity_factor > 0.0f; }
+  bool gated() const {
+    return activation == Activation::SwiGLU || activation == Activation::GeGLU ||
+           activation == Activation::GeGLUTanh || activation == Activation::SwiGLUOai;
+  }
+};
+
+// Parse one string attribute into its enum; throws seif::Error naming the allowed values.
+Kind parse_kind(const std::string& s);
+Scoring parse_scoring(const std::string& s);
+Normalize parse_normalize(const std::string& s);
+EpsRule parse_epsilon_rule(const std::string& s);
+GroupScore parse_group_score(const std::string& s);
+GroupMask parse_group_mask(const std::string& s);
+Activation parse_activation(const std::string& s);
+WeightOn parse_weight_on(const std::string& s);
+DropPolicy parse_drop_policy(const std::string& s);
+
+// Cross-field checks that need no shapes (throws seif::Error). `moe` allows expert_choice and
+// soft_moe and checks the MoE-only attributes.
+void check_attrs(const Attrs& a, bool moe);
+
+// Per-expert capacity C (spec §5.6): tokens, or ceil(factor * T * k / E) in binary64, left to
+// right; expert choice uses k = 1 and clips to T.
+int64_t capacity_per_expert(const Attrs& a, int64_t T, int64_t E, int64_t k, bool clip);
+
+// ----------------------------------------------------------------------------- parallelism
+// Runs fn(i) for i in [0, n), possibly in parallel; every i exactly once. Results never depend
+// on how the work is split (each output element is written by one task, in a fixed order).
+using ParallelFor = std::function<void(size_t n, const std::function<void(size_t)>& fn)>;
+ParallelFor serial_for();
+
+// ----------------------------------------------------------------------------- routing
+// Token-choice routing of logits [T, E] (float32): indices/weights/kept are [T, k].
+// selection_bias: [E] float32 or null. Throws seif::Error on bad shapes/attributes.
+void route_cpu(const float* logits, int64_t T, int64_t E, const float* selection_bias,
+               const Attrs& a, int64_t* indices, float* weights, bool* kept,
+               const ParallelFor& pfor);
+
+// Indices of the k best of v[0..n) (NaN first, larger first, lower index on ties), best first.
+void topk_lowest_index(const float* v, int64_t n, int64_t k, int64_t* out);
+
+// ----------------------------------------------------------------------------- GEMM
+// C[m, n] = sum_k A[m, k] * B[n, k] (+ bias[n]) for m in [0, M), n in [n0, n1).
+// A: float32 row-major (lda); B: weights [N, K] row-major (ldb) of type `bt`; bias of type `bt`
+// or null; C float32 (ldc). K is summed in a fixed blocked order (deterministic).
+void gemm_nt(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
+             const void* B, DType bt, int64_t ldb, const void* bias, float* C, int64_t ldc);
+const char* gemm_isa();  // "avx2" or "generic": which kernel gemm_nt dispatches to
+
+// ----------------------------------------------------------------------------- MoE
+struct TensorArg {
+  const void* data = nullptr;  // null: the optional input is absent
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  bool present() const { return data != nullptr; }
+};
+
+enum MoEInput : int {
+  kHidden = 0, kRouterWeight, kRouterBias, kSelectionBias, kGateProj, kUpProj, kDownProj,
+  kGateBias, kUpBias, kDownBias, kSharedGateProj, kSharedUpProj, kSharedDownProj,
+  kSharedGateBias, kSharedUpBias, kSharedDownBias, kSharedExpertGate, kNumMoEInputs
+};
+
+// Checks every input's shape against the attributes; returns {N, H}.
+void check_moe_inputs(const Attrs& a, const TensorArg* in, int64_t* N, int64_t* H);
+
+// SeifMoE forward on CPU. `in` has kNumMoEInputs entries (absent ones with data == null);
+// out: [N, H] of type out_type.
+void moe_cpu(const Attrs& a, const TensorArg* in, void* out, DType out_type,
+             const ParallelFor& pfor);
+
+}  // namespace seif
