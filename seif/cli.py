@@ -98,21 +98,31 @@ def validate(path: Path, deep: bool, as_json: bool) -> None:
               "checkpoint is complete).")
 @click.option("--resume", is_flag=True, help="Continue a conversion that was interrupted: "
               "shards it finished in DST.partial/ are verified by checksum and reused.")
+@click.option("--layer", type=int, help="ONNX export: the MoE layer (source layer index).")
+@click.option("--all-layers", is_flag=True, help="ONNX export: every MoE layer in one model "
+              "(outputs output_<index>; layers must share one configuration).")
+@click.option("--target", "onnx_target", type=click.Choice(["portable", "seif-kernels", "ort"]),
+              help="ONNX export: ai.seif node with a standard-op function body (portable), the "
+              "same node for the native kernels (seif-kernels), or ORT's com.microsoft.MoE (ort).")
 @_friendly_errors
 def convert(src: Path, dst: Path, target: str | None, source: str | None, dtype: str | None,
             experts: str | None, max_shard_bytes: int | None, overwrite: bool,
-            resume: bool) -> None:
+            resume: bool, layer: int | None, all_layers: bool, onnx_target: str | None) -> None:
     """Convert SRC to DST. Writes are atomic: DST appears only when complete.
 
-    Installed converters: seif -> seif (re-layout, --dtype, --experts). Framework converters
-    (transformers, JAX/Flax, ONNX) register themselves when their extras are installed.
+    Formats: seif (a NAME.seif directory), transformers (a directory with config.json),
+    flax (.msgpack), onnx (.onnx). seif -> seif re-lays out, casts (--dtype) or cuts experts
+    (--experts); framework converters need their extras (seif[torch], seif[jax], seif[onnx]).
     """
     from .convert import convert as run
 
     options = {k: v for k, v in dict(dtype=dtype, experts=experts,
-                                     max_shard_bytes=max_shard_bytes).items() if v is not None}
+                                     max_shard_bytes=max_shard_bytes, layer=layer,
+                                     target=onnx_target).items() if v is not None}
     if resume:
         options["resume"] = True
+    if all_layers:
+        options["all_layers"] = True
     try:
         out = run(src, dst, source_format=source, target_format=target, overwrite=overwrite,
                   **options)
@@ -143,10 +153,12 @@ def demo(out: Path | None, seed: int) -> None:
 def _add_lazy_commands() -> None:
     """Commands that live in their own modules (kept import-light: no framework at import)."""
     from .conformance.cli import conformance
+    from .runtime.session import run_command
     from .verify import verify_command
 
     main.add_command(verify_command)
     main.add_command(conformance)
+    main.add_command(run_command)
 
 
 _add_lazy_commands()

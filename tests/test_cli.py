@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import seif
 from seif.cli import main
 
-COMMANDS = ["inspect", "validate", "convert", "demo", "verify", "conformance",
+COMMANDS = ["inspect", "validate", "convert", "demo", "verify", "run", "conformance",
             "conformance run", "conformance list", "conformance generate"]
 
 
