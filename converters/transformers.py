@@ -44,6 +44,7 @@ from seif.manifest import (
     FFNSpec,
     LayerSpec,
     ModelInfo,
+    Quantization,
     RoutingSpec,
     SharedExpertsSpec,
     Training,
@@ -51,12 +52,19 @@ from seif.manifest import (
 from seif.progress import byte_progress
 from seif.shardfile import read_header
 
-__all__ = ["FAMILIES", "Family", "from_seif", "register", "supported_families", "to_seif"]
+__all__ = ["FAMILIES", "REFUSED", "Family", "from_seif", "register", "supported_families",
+           "to_seif"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3   # what save_pretrained uses (5GB)
 COPY_CHUNK = 64 * 1024 * 1024           # bounded memory when copying a large tensor
+MXFP4_GROUP = 32                        # elements per MXFP4 group (one E8M0 scale)
+FP8_DEFAULT_BLOCK = [128, 128]          # FineGrainedFP8Config.weight_block_size default
+FP8_SCALE_SUFFIX = "_scale_inv"         # DeepSeek-V3: X.weight -> X.weight_scale_inv
+# quantization_config.quant_method -> the SEIF scheme its tensors pass through as
+QUANT_SCHEMES = {"fp8": "fp8-block", "mxfp4": "mxfp4"}
+_CASTABLE = {"F64", "F32", "F16", "BF16"}   # what `dtype` casts to (as seif -> seif --dtype)
 
 
 # --------------------------------------------------------------------------- config helpers
@@ -169,6 +177,26 @@ def _ernie_routing(cfg: Any) -> RoutingSpec:
                        training=_training(cfg))
 
 
+def _lfm2_moe_routing(cfg: Any) -> RoutingSpec:
+    """Lfm2MoeTopKRouter: sigmoid of the logits; choice on sigmoid + expert_bias when
+    use_expert_bias (weights from the unbiased sigmoid); no groups; if norm_topk_prob:
+    / (sum + 1e-6); then x routed_scaling_factor."""
+    norm = bool(cfg.norm_topk_prob)
+    return RoutingSpec(kind="topk", top_k=int(cfg.num_experts_per_tok), scoring="sigmoid",
+                       selection_bias=bool(cfg.use_expert_bias),
+                       normalize="sum" if norm else "none", epsilon=1e-6 if norm else 0.0,
+                       epsilon_rule="add", scale=float(cfg.routed_scaling_factor),
+                       training=_training(cfg))
+
+
+def _hunyuan_check(cfg: Any) -> None:
+    for key in ("num_experts", "moe_topk"):
+        if not isinstance(getattr(cfg, key), int):
+            raise ConversionError(f"hunyuan_v1_moe with a per-layer {key} list: the installed "
+                                  "HunYuanMoEV1Experts sizes every layer by one expert count; "
+                                  "refusing a config the code cannot build")
+
+
 def _ernie_moe_layer(cfg: Any, layer: int) -> bool:
     """Ernie4_5_MoeDecoderLayer: MoE iff (layer + 1) % moe_layer_interval == 0 and
     moe_layer_start_index <= layer <= moe_layer_end_index (-1 = last layer)."""
@@ -226,15 +254,6 @@ def _ungated(act: str) -> str:
     return table[act]
 
 
-def _gpt_oss_check(cfg: Any) -> None:
-    q = getattr(cfg, "quantization_config", None)
-    if q:
-        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", q)
-        raise ConversionError(f"gpt_oss with quantization_config ({method}): MXFP4 expert "
-                              "pass-through (*_blocks/*_scales) is not implemented yet; only "
-                              "unquantized (bf16/fp32) gpt-oss checkpoints convert")
-
-
 def _ernie_check(cfg: Any) -> None:
     if getattr(cfg, "use_bias", False):
         raise ConversionError("ernie4_5_moe with use_bias=True is not supported yet: the shared "
@@ -283,11 +302,16 @@ class Stacked:
 
     suffix: str                   # under the block (shared: under the shared prefix)
     projs: tuple[str, ...]        # SEIF projections held, in storage order
-    part: str = "weight"          # "weight" | "bias"
+    part: str = "weight"          # "weight" | "bias" | "weight_scale" (a quantization companion)
     transposed: bool = False
     split: str = "concat"         # "concat" | "interleave"
     flat: bool = False
     per_expert: bool = True
+    # Quantized experts (gpt-oss MXFP4): `quant` is the SEIF scheme of the pieces. The rule of
+    # the stored values (part "weight", shape [E, out, in/32, 16]) names in `scale` the suffix
+    # of its companion rule's tensor (part "weight_scale", [E, out, in/32]).
+    quant: str | None = None
+    scale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -328,6 +352,10 @@ class Family:
     n_layers: Callable[[Any], int] | None = None
     automodel: str = "AutoModelForCausalLM"    # what loads the source (for docs and tests)
     notes: str = ""
+    # quantization_config.quant_method -> the stacked rules that replace `stacked` for a
+    # checkpoint quantized that way (gpt-oss: "mxfp4"). FP8 block quantization ("fp8") of
+    # plainly stored tensors needs no entry: every family with per-expert tensors takes it.
+    quantized: dict[str, tuple[Stacked, ...]] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -363,6 +391,61 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         notes="softmax, top-k, norm_topk_prob; decoder_sparse_step, mlp_only_layers",
     ),
     Family(
+        model_type="qwen3_next",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_softmax_topk,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=_qwen_sparse_layer,
+        shared_module="shared_expert",
+        shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+        shared_gate="shared_expert_gate.weight",
+        notes="as qwen2_moe (the hybrid linear/full attention is dense)",
+    ),
+    Family(
+        model_type="flex_olmo",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_softmax_topk,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        notes="as olmoe",
+    ),
+    Family(
+        model_type="minimax",
+        block="model.layers.{l}.block_sparse_moe",
+        num_experts=lambda c: c.num_local_experts,
+        routing=lambda c: _softmax_topk(c, renormalize=True),
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        experts={"gate": "experts.{e}.w1", "up": "experts.{e}.w3", "down": "experts.{e}.w2"},
+        notes="as mixtral; the decoder layer's mlp_alpha/beta_factor residual mix and the "
+              "lightning attention are outside the MoE block (dense)",
+    ),
+    Family(
+        model_type="hunyuan_v1_moe",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=lambda c: _softmax_topk(c, renormalize=True),
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        router="gate.wg",
+        shared_module="shared_mlp",
+        shared_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        check=_hunyuan_check,
+        notes="fp32 router (gate.wg), softmax, top-k (moe_topk), always renormalized; an "
+              "ungated shared MLP of intermediate_size",
+    ),
+    Family(
+        model_type="lfm2_moe",
+        block="model.layers.{l}.feed_forward",
+        num_experts=lambda c: c.num_experts,
+        routing=_lfm2_moe_routing,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=lambda c, layer: layer >= c.num_dense_layers,
+        experts={"gate": "experts.{e}.w1", "up": "experts.{e}.w3", "down": "experts.{e}.w2"},
+        selection_bias="expert_bias",
+        notes="sigmoid, top-k (no groups), selection bias expert_bias (use_expert_bias), "
+              "norm_topk_prob (+1e-6), routed_scaling_factor; num_dense_layers",
+    ),
+    Family(
         model_type="olmoe",
         block="model.layers.{l}.mlp",
         num_experts=lambda c: c.num_experts,
@@ -390,6 +473,44 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         block="model.layers.{l}.mlp",
         num_experts=lambda c: c.n_routed_experts,
         routing=_deepseek_v3_routing,      # Glm4MoeTopkRouter is DeepseekV3TopkRouter verbatim
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=lambda c, layer: layer >= c.first_k_dense_replace,
+        selection_bias="gate.e_score_correction_bias",
+        shared_module="shared_experts",
+        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
+                                     _activation(c)),
+        notes="as deepseek_v3",
+    ),
+    Family(
+        model_type="glm4_moe_lite",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.n_routed_experts,
+        routing=_deepseek_v3_routing,      # Glm4MoeLiteMoE is Glm4MoeMoE
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=lambda c, layer: c.mlp_layer_types[layer] == "sparse",
+        selection_bias="gate.e_score_correction_bias",
+        shared_module="shared_experts",
+        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
+                                     _activation(c)),
+        notes="as deepseek_v3; MoE where mlp_layer_types[l] == 'sparse'",
+    ),
+    Family(
+        model_type="solar_open",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.n_routed_experts,
+        routing=_deepseek_v3_routing,      # SolarOpenMoE is Glm4MoeMoE
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        selection_bias="gate.e_score_correction_bias",
+        shared_module="shared_experts",
+        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
+                                     _activation(c)),
+        notes="as deepseek_v3; every layer MoE",
+    ),
+    Family(
+        model_type="dots1",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.n_routed_experts,
+        routing=_deepseek_v3_routing,      # Dots1TopkRouter is DeepseekV3TopkRouter verbatim
         expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
         is_moe_layer=lambda c, layer: layer >= c.first_k_dense_replace,
         selection_bias="gate.e_score_correction_bias",
@@ -457,10 +578,21 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                          split="interleave"),
                  Stacked("experts.down_proj", ("down",), transposed=True),
                  Stacked("experts.down_proj_bias", ("down",), part="bias")),
-        check=_gpt_oss_check,
+        quantized={"mxfp4": (
+            Stacked("experts.gate_up_proj_blocks", ("gate", "up"), split="interleave",
+                    quant="mxfp4", scale="experts.gate_up_proj_scales"),
+            Stacked("experts.gate_up_proj_scales", ("gate", "up"), part="weight_scale",
+                    split="interleave", quant="mxfp4"),
+            Stacked("experts.gate_up_proj_bias", ("gate", "up"), part="bias",
+                    split="interleave"),
+            Stacked("experts.down_proj_blocks", ("down",), quant="mxfp4",
+                    scale="experts.down_proj_scales"),
+            Stacked("experts.down_proj_scales", ("down",), part="weight_scale", quant="mxfp4"),
+            Stacked("experts.down_proj_bias", ("down",), part="bias"))},
         notes="router bias; top-k of logits, softmax over the k; clamped SwiGLU (swiglu_oai, "
               "alpha, limit, up + 1) with biases; experts stacked [E, H, 2I], gate/up "
-              "interleaved; MXFP4 refused (not yet passed through)",
+              "interleaved; MXFP4 (*_blocks [E, out, in/32, 16], *_scales [E, out, in/32]) "
+              "split per expert by rows and passed through",
     ),
     Family(
         model_type="phimoe",
@@ -544,6 +676,20 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 
+# MoE families of the installed transformers that are refused on purpose, and why (read off the
+# installed modeling code). Any other unknown model_type is refused too, generically.
+REFUSED: dict[str, str] = {
+    "jetmoe": "its MoE MLP adds a block-level output bias (JetMoeMoE.bias) that no SEIF "
+              "routing or expert field expresses, and its attention is a mixture of attention "
+              "experts (MoA: JetMoeMoA), which SEIF does not describe",
+    "nllb_moe": "the installed NllbMoeSparseMLP passes the router's one-hot top-1 mask where "
+                "expert indices are expected (so only expert_0 / expert_1 ever run), and its "
+                "top-2 router has capacity positions shared across the two choices, "
+                "normalize-before/after-dropping and a random second-expert policy applied "
+                "at inference; there is no correct reference to verify a mapping against",
+}
+
+
 def supported_families() -> list[str]:
     return sorted(FAMILIES)
 
@@ -553,6 +699,9 @@ def _family(config: dict, where: str) -> Family:
     if not isinstance(model_type, str):
         raise ConversionError("config.json has no model_type", path=where)
     family = FAMILIES.get(model_type)
+    if family is None and model_type in REFUSED:
+        raise ConversionError(f"family {model_type!r} is not supported: {REFUSED[model_type]}",
+                              path=where)
     if family is None:
         raise ConversionError(
             f"family {model_type!r} is not supported yet: no verified SEIF mapping of its MoE "
@@ -631,6 +780,10 @@ class _Split:
     rule: Stacked
     pieces: tuple[tuple[str, ...], ...]
     shapes: tuple[tuple[int, ...], ...]      # canonical shape of each projection's piece
+    quants: tuple[tuple[Quantization | None, ...], ...] = ()   # per piece, like `pieces`
+
+    def quant(self, e: int, j: int) -> Quantization | None:
+        return self.quants[e][j] if self.quants else None
 
     @property
     def source_shape(self) -> tuple[int, ...]:
@@ -638,19 +791,40 @@ class _Split:
 
 
 def _piece_shapes(ffn: FFNSpec, H: int, rule: Stacked) -> tuple[tuple[int, ...], ...]:
+    """The stored shape of each projection's piece: `[out, in]` weights, `[out]` biases; MXFP4
+    values `[out, in/32, 16]` and scales `[out, in/32]`."""
     I = ffn.intermediate_size
     out = {"gate": (I, H), "up": (I, H), "down": (H, I)}
     shapes = tuple(out[p] for p in rule.projs)
-    return tuple(s[:1] for s in shapes) if rule.part == "bias" else shapes
+    if rule.part == "bias":
+        return tuple(s[:1] for s in shapes)
+    if rule.quant == "mxfp4":
+        if any(s[1] % MXFP4_GROUP for s in shapes):
+            raise ConversionError(f"MXFP4 {rule.suffix}: the input size "
+                                  f"{[s[1] for s in shapes]} is not a multiple of "
+                                  f"{MXFP4_GROUP}")
+        tail = (MXFP4_GROUP // 2,) if rule.part == "weight" else ()
+        return tuple((s[0], s[1] // MXFP4_GROUP) + tail for s in shapes)
+    return shapes
+
+
+def _piece_quant(rule: Stacked, layer: LayerSpec, e: int, proj: str,
+                 shape: tuple[int, ...], shared: bool = False) -> Quantization | None:
+    """The quantization descriptor a stacked rule's piece carries (None: plain values)."""
+    if rule.quant != "mxfp4" or rule.part != "weight":
+        return None
+    name = layer.shared_name if shared else layer.expert_name
+    return Quantization("mxfp4", [shape[0], shape[1] * MXFP4_GROUP],
+                        scale=name(e, proj, "weight_scale"), group_size=MXFP4_GROUP)
 
 
 def _stacked_shape(rule: Stacked, n: int, shapes) -> tuple[int, ...]:
     out = sum(s[0] for s in shapes)
-    if rule.part == "bias":
-        one: tuple[int, ...] = (out,)
+    (rest,) = {tuple(s[1:]) for s in shapes}
+    if rule.transposed and rule.part != "bias":
+        one: tuple[int, ...] = rest + (out,)
     else:
-        (inner,) = {s[1] for s in shapes}
-        one = (inner, out) if rule.transposed else (out, inner)
+        one = (out,) + rest
     if not rule.per_expert:
         return one
     return (n * one[0],) + one[1:] if rule.flat else (n,) + one
@@ -664,12 +838,10 @@ def _raw(dtype: str):
 def _split_slab(rule: Stacked, slab: np.ndarray, shapes) -> list[np.ndarray]:
     """One expert's slice of a stacked tensor (flat, raw-typed) -> its per-projection pieces."""
     out = sum(s[0] for s in shapes)
-    if rule.part == "bias":
-        a = slab.reshape(out)
-    elif rule.transposed:
+    if rule.transposed and rule.part != "bias":
         a = slab.reshape(shapes[0][1], out).T
     else:
-        a = slab.reshape(out, shapes[0][1])
+        a = slab.reshape((out,) + tuple(shapes[0][1:]))
     n = len(rule.projs)
     if rule.split == "interleave":
         parts = [a[j::n] for j in range(n)]
@@ -697,11 +869,13 @@ def _join_slab(rule: Stacked, parts: list[np.ndarray], shapes) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1)
 
 
-def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec
+def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
+                rules: tuple[Stacked, ...] | None = None
                 ) -> tuple[dict[str, str], list[_Split]]:
     """Source name -> canonical name for a layer's plainly stored tensors, and its stacked
-    source tensors. Used both ways, so the rule that split a tensor is the one that re-stacks
-    it."""
+    source tensors (`rules`: the family's stacked rules, or those of its quantized layout).
+    Used both ways, so the rule that split a tensor is the one that re-stacks it."""
+    rules = family.stacked if rules is None else rules
     if layer.source_prefix is None and callable(family.block) and cfg is None:
         raise ConversionError(f"layer {li} has no source_prefix; cannot place its tensors in "
                               f"the {family.model_type} layout")
@@ -711,23 +885,25 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec
     if layer.routing.router_bias:
         mapping[f"{block}.{family.router_bias or family.router + '.bias'}"] = \
             layer.router_name("bias")
-    if family.selection_bias:
+    if family.selection_bias and layer.routing.selection_bias:
         mapping[f"{block}.{family.selection_bias}"] = layer.router_name("selection_bias")
     splits: list[_Split] = []
     parts = ("weight", "bias") if ffn.bias else ("weight",)
-    stacked = {(p, r.part) for r in family.stacked for p in r.projs}
+    stacked = {(p, r.part) for r in rules for p in r.projs}
     for e in range(E):
         for proj in ffn.projections:
             for part in parts:
                 if (proj, part) not in stacked:
                     src = f"{block}.{family.experts[proj].format(e=e)}.{part}"
                     mapping[src] = layer.expert_name(e, proj, part)
-    for rule in family.stacked:
+    for rule in rules:
+        shapes = _piece_shapes(ffn, layer.hidden_size, rule)
         splits.append(_Split(
             f"{block}.{rule.suffix}", rule,
             tuple(tuple(layer.expert_name(e, p, rule.part) for p in rule.projs)
-                  for e in range(E)),
-            _piece_shapes(ffn, layer.hidden_size, rule)))
+                  for e in range(E)), shapes,
+            tuple(tuple(_piece_quant(rule, layer, e, p, sh) for p, sh in zip(rule.projs, shapes))
+                  for e in range(E))))
     if shared is not None:
         prefix = (family.shared_prefix.format(l=li) if family.shared_prefix
                   else f"{block}.{family.shared_module}")
@@ -739,10 +915,12 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec
                     src = f"{family.shared[proj].format(p=prefix)}.{part}"
                     mapping[src] = layer.shared_name(0, proj, part)
         for rule in family.shared_stacked:
+            shapes = _piece_shapes(shared.ffn, layer.hidden_size, rule)
             splits.append(_Split(
                 f"{prefix}.{rule.suffix}", rule,
-                (tuple(layer.shared_name(0, p, rule.part) for p in rule.projs),),
-                _piece_shapes(shared.ffn, layer.hidden_size, rule)))
+                (tuple(layer.shared_name(0, p, rule.part) for p in rule.projs),), shapes,
+                (tuple(_piece_quant(rule, layer, 0, p, sh, shared=True)
+                       for p, sh in zip(rule.projs, shapes)),)))
         if shared.gate:
             mapping[f"{block}.{family.shared_gate}"] = layer.shared_gate_name()
     return mapping, splits
@@ -767,15 +945,111 @@ def _layer_spec(family: Family, cfg: Any, li: int) -> LayerSpec:
                      source_prefix=_block(family, cfg, li))
 
 
-def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
-               ) -> tuple[list[LayerSpec], dict[str, str], dict[str, _Split]]:
+@dataclass(frozen=True)
+class _Quant:
+    """What a checkpoint's `quantization_config` says, once accepted."""
+
+    method: str | None = None          # quant_method: None, "fp8", or a key of Family.quantized
+    block: tuple[int, int] | None = None   # fp8: weight_block_size
+
+
+def _quantization(family: Family, config: dict, where: str) -> _Quant:
+    """Accept the quantizations SEIF passes through losslessly, refuse every other one before
+    any tensor is read: a weight read without its encoding would be silently wrong."""
+    q = config.get("quantization_config")
+    if q is None:
+        return _Quant()
+    if not isinstance(q, dict):
+        raise ConversionError("quantization_config is not an object", path=where)
+    method = q.get("quant_method")
+    if method == "fp8":
+        problems = []
+        if q.get("fmt", "e4m3") != "e4m3":
+            problems.append(f"fmt {q.get('fmt')!r} (only e4m3)")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            problems.append(f"activation_scheme {q.get('activation_scheme')!r} (static "
+                            "activation scales have no SEIF encoding; only dynamic)")
+        if q.get("scale_fmt", "float") != "float":
+            problems.append(f"scale_fmt {q.get('scale_fmt')!r} (only float32 scales)")
+        if q.get("expert_dtype", "fp8") != "fp8":
+            problems.append(f"expert_dtype {q.get('expert_dtype')!r} (only fp8)")
+        block = q.get("weight_block_size", FP8_DEFAULT_BLOCK)
+        if not (isinstance(block, list | tuple) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                        for b in block)):
+            problems.append(f"weight_block_size {block!r} (only block-wise [rows, cols]; "
+                            "per-tensor scales are not supported)")
+        if family.stacked:
+            problems.append(f"{family.model_type} stores its experts stacked (only families "
+                            "with per-expert tensors)")
+        if problems:
+            raise ConversionError("fp8 quantization_config with " + "; ".join(problems) +
+                                  " is not supported: SEIF passes through DeepSeek-V3-style "
+                                  "block-wise e4m3 weights with float32 weight_scale_inv",
+                                  path=where)
+        return _Quant("fp8", (int(block[0]), int(block[1])))
+    if method in family.quantized:
+        return _Quant(method)
+    known = ["fp8 (block-wise e4m3)"] + [f"{m} ({family.model_type})"
+                                           for m in family.quantized]
+    raise ConversionError(f"quantization_config quant_method {method!r} is not supported for "
+                          f"{family.model_type} (supported: {', '.join(known)}); converting "
+                          "it without its encoding would be silently wrong", path=where)
+
+
+def _fp8_quant(weight: _Source, scale: _Source, block: tuple[int, int], scale_name: str
+               ) -> Quantization:
+    """The fp8-block descriptor of `weight` with companion `scale` (stored as `scale_name`),
+    after checking the pair is what SEIF's fp8-block means (spec 3.3.2)."""
+    if weight.dtype != "F8_E4M3" or len(weight.shape) != 2:
+        raise ConversionError(f"has a {FP8_SCALE_SUFFIX} companion but is "
+                              f"{weight.dtype}{list(weight.shape)}; fp8-block needs a 2-D "
+                              "F8_E4M3 weight", field=weight.name)
+    rows, cols = weight.shape
+    need = (-(-rows // block[0]), -(-cols // block[1]))
+    if scale.dtype != "F32" or scale.shape != need:
+        raise ConversionError(f"scale is {scale.dtype}{list(scale.shape)}; {list(block)} "
+                              f"blocks of a {list(weight.shape)} weight need F32{list(need)}",
+                              field=scale.name)
+    return Quantization("fp8-block", [rows, cols], scale=scale_name, block=list(block))
+
+
+def _fp8_companions(mapping: dict[str, str], sources: dict[str, _Source], block, li: int
+                    ) -> dict[str, Quantization]:
+    """Adds each mapped fp8 weight's `weight_scale_inv` to `mapping` (as `<canonical>_scale`,
+    spec 3.3.1, so it lands in the expert's shard) and returns canonical -> descriptor."""
+    quants: dict[str, Quantization] = {}
+    for src, canonical in list(mapping.items()):
+        if src not in sources:
+            continue                      # reported as missing by the caller
+        scale = src + FP8_SCALE_SUFFIX
+        if scale not in sources:
+            if sources[src].dtype.startswith("F8_"):
+                raise ConversionError(f"layer {li}: fp8 weight without {scale!r}; cannot give "
+                                      "its real values", field=src)
+            continue
+        if ".router." in canonical:
+            raise ConversionError(f"layer {li}: the router is quantized; SEIF routers are "
+                                  "never quantized (spec 3.3.1)", field=src)
+        mapping[scale] = canonical + "_scale"
+        quants[canonical] = _fp8_quant(sources[src], sources[scale], block, canonical + "_scale")
+    return quants
+
+
+def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path,
+               quant: _Quant = _Quant()
+               ) -> tuple[list[LayerSpec], dict[str, str], dict[str, _Split],
+                          dict[str, Quantization]]:
     """The MoE layer descriptors, source name -> canonical name for their plainly stored
-    tensors, and source name -> split rule for their stacked ones."""
+    tensors, source name -> split rule for their stacked ones, and canonical name ->
+    quantization descriptor of the plainly stored quantized ones (fp8)."""
     if family.check is not None:
         family.check(cfg)
+    rules = family.quantized.get(quant.method, family.stacked)
     layers: list[LayerSpec] = []
     rename: dict[str, str] = {}
     splits: dict[str, _Split] = {}
+    quants: dict[str, Quantization] = {}
     n_layers = int(family.n_layers(cfg) if family.n_layers else cfg.num_hidden_layers)
     for li in range(n_layers):
         block = _block(family, cfg, li)
@@ -792,7 +1066,9 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
         except SeifError as exc:
             raise ConversionError(f"config gives an invalid routing for layer {li}: "
                                   f"{exc.one_line()}", path=str(root)) from None
-        mapping, layer_splits = _layer_plan(family, cfg, li, E, layer)
+        mapping, layer_splits = _layer_plan(family, cfg, li, E, layer, rules)
+        if quant.method == "fp8":
+            quants.update(_fp8_companions(mapping, sources, quant.block, li))
         wanted = list(mapping) + [sp.source for sp in layer_splits]
         missing = [s for s in wanted if s not in sources]
         if missing:
@@ -814,7 +1090,7 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
                                       f"implies {list(sp.source_shape)}", path=str(root),
                                       field=sp.source)
             splits[sp.source] = sp
-        if family.selection_bias:
+        if family.selection_bias and layer.routing.selection_bias:
             src = f"{block}.{family.selection_bias}"
             want = tuple(family.selection_bias_lead) + (E,)
             if sources[src].shape != want:
@@ -822,7 +1098,39 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
                                       f"expected {list(want)}", path=str(root), field=src)
         layers.append(layer)
         rename.update(mapping)
-    return layers, rename, splits
+    return layers, rename, splits, quants
+
+
+def _target_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    try:
+        target = dtypes.normalize_name(dtype)
+    except FormatError as exc:
+        raise ConversionError(exc.one_line()) from None
+    if target not in _CASTABLE:
+        raise ConversionError(f"--dtype must be a float type ({', '.join(sorted(_CASTABLE))})")
+    return target
+
+
+def _cast_dtype(name: str, stored: str, quant: Quantization | None, target: str | None) -> str:
+    """The dtype a tensor is written in under `dtype` (seif -> seif --dtype semantics): routers
+    (weight, bias, selection bias) keep theirs, quantized tensors are dequantized to `target`,
+    other float tensors cast, everything else kept."""
+    if target is None or (quant is None and (".router." in name or stored not in _CASTABLE)):
+        return stored
+    return target
+
+
+def _plain_stacked_source(family: Family, sp: _Split) -> str:
+    """The unquantized stacked tensor a quantized rule's pieces come back to once dequantized
+    (gpt-oss: `gate_up_proj_blocks` -> `gate_up_proj`)."""
+    prefix = sp.source[: len(sp.source) - len(sp.rule.suffix)]
+    for rule in family.stacked:
+        if rule.projs == sp.rule.projs and rule.part == "weight":
+            return prefix + rule.suffix
+    raise ConversionError(f"{family.model_type}: no unquantized layout to dequantize "
+                          f"{sp.source!r} into", field=sp.source)
 
 
 def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
@@ -831,16 +1139,20 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
             **options) -> Path:
     """Convert a transformers checkpoint directory `src` into the SEIF checkpoint `dst`.
 
+    Quantized weights (FP8 block-wise `weight_scale_inv`, gpt-oss MXFP4) pass through byte for
+    byte with their quantization descriptors, unless `dtype` is given: then, as
+    `seif -> seif --dtype`, float tensors are cast to it, quantized ones dequantized to it (their
+    scales dropped), and routers keep their dtype.
+
     With `resume`, shards an interrupted run finished are verified and reused (their source
     bytes are not even read)."""
+    from seif.quant import dequantize
     from seif.writer import CheckpointWriter
 
     if options:
         raise ConversionError(f"options not supported for transformers -> seif: "
                               f"{', '.join(options)}")
-    if dtype is not None:
-        raise ConversionError("--dtype is not supported for transformers -> seif yet; convert, "
-                              "then cast with seif -> seif --dtype")
+    target = _target_dtype(dtype)
     root = Path(src)
     config_path = root / "config.json"
     try:
@@ -850,34 +1162,61 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     if not isinstance(config, dict):
         raise ConversionError("config.json is not an object", path=str(config_path))
     family = _family(config, str(config_path))     # refuse before touching anything else
+    quant = _quantization(family, config, str(config_path))
     sources = _read_sources(root)
 
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(str(root))
-    layers, rename, splits = _layer_map(family, cfg, sources, root)
+    layers, rename, splits, quants = _layer_map(family, cfg, sources, root, quant)
     reshaped = {}          # canonical name -> SEIF shape, where it only drops unit dims
     if family.selection_bias_lead:
         reshaped = {layer.router_name("selection_bias"): (layer.num_experts,)
                     for layer in layers}
-
     canonical = set(rename.values()) | {n for sp in splits.values()
                                         for row in sp.pieces for n in row}
+    if quant.method == "fp8":      # dense fp8 weights (attention, dense MLPs) keep their names
+        for s in sources.values():
+            scale = sources.get(s.name + FP8_SCALE_SUFFIX)
+            if s.name not in rename and s.name not in splits and scale is not None \
+                    and scale.name not in rename:
+                quants[s.name] = _fp8_quant(s, scale, quant.block, scale.name)
+    companions = {q.scale for q in quants.values()}
+    by_name = {rename.get(s.name, s.name): s for s in sources.values() if s.name not in splits}
+
     specs: list[TensorSpec] = []
     for s in sources.values():
         sp = splits.get(s.name)
         if sp is not None:
-            for row in sp.pieces:
-                for name, shape in zip(row, sp.shapes):
-                    specs.append(TensorSpec(name, s.dtype, shape, source_name=s.name))
+            if target is not None and sp.rule.part == "weight_scale":
+                continue                  # folded into the dequantized pieces
+            for e, row in enumerate(sp.pieces):
+                for j, (name, shape) in enumerate(zip(row, sp.shapes)):
+                    q = sp.quant(e, j)
+                    if target is None:
+                        specs.append(TensorSpec(name, s.dtype, shape, source_name=s.name,
+                                                quantization=q))
+                    else:
+                        specs.append(TensorSpec(
+                            name, _cast_dtype(name, s.dtype, q, target),
+                            tuple(q.logical_shape) if q else shape,
+                            source_name=_plain_stacked_source(family, sp) if q else s.name))
             continue
         name = rename.get(s.name, s.name)
         if s.name not in rename and name in canonical:
             raise ConversionError("a dense tensor has a canonical SEIF name", field=s.name)
-        specs.append(TensorSpec(name, s.dtype, reshaped.get(name, s.shape), source_name=s.name))
+        q = quants.get(name)
+        if target is None:
+            specs.append(TensorSpec(name, s.dtype, reshaped.get(name, s.shape),
+                                    source_name=s.name, quantization=q))
+        elif name not in companions:
+            specs.append(TensorSpec(name, _cast_dtype(name, s.dtype, q, target),
+                                    tuple(q.logical_shape) if q else reshaped.get(name, s.shape),
+                                    source_name=s.name))
+    planned = {spec.name: spec for spec in specs}
     archs = config.get("architectures") or [None]
     model = ModelInfo(source_framework="transformers", architecture=archs[0],
                       model_type=family.model_type, source_config=config)
-    total = sum(s.nbytes for s in sources.values())
+    total = sum(spec.nbytes for spec in specs)
     with byte_progress(total, "converting", show_progress) as advance:
         extra = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
         writer = CheckpointWriter(dst, layers, model=model, overwrite=overwrite,
@@ -886,31 +1225,68 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
         with writer:
             writer.plan(specs)
             fds: dict[Path, int] = {}
+
+            def read(s: _Source, length: int | None = None, at: int = 0) -> bytes:
+                fd = fds.get(s.path)
+                if fd is None:
+                    fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
+                n = s.nbytes if length is None else length
+                return _pread_exact(fd, n, s.offset + at, s.name)
+
+            def array(s: _Source) -> np.ndarray:
+                return np.frombuffer(read(s), dtype=dtypes.to_numpy(s.dtype)).reshape(s.shape)
+
+            def convert(data, stored: str, shape, spec: TensorSpec, q, get):
+                """Raw bytes (or a raw-typed piece) of a tensor stored as `stored`[`shape`] ->
+                what `spec` plans: the same bytes, or (with `dtype`) cast / dequantized."""
+                if target is None:
+                    return data if isinstance(data, bytes | bytearray) \
+                        else memoryview(data.reshape(-1).view(np.uint8))
+                a = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) \
+                    else data.reshape(-1).view(np.uint8)
+                a = a.view(dtypes.to_numpy(stored)).reshape(shape)
+                if q is not None:
+                    a = dequantize(a, q, get, spec.name)
+                return np.ascontiguousarray(a.reshape(spec.shape)
+                                            .astype(dtypes.to_numpy(spec.dtype)))
+
             try:
                 for s in sources.values():
-                    fd = fds.get(s.path)
                     sp = splits.get(s.name)
                     if sp is None:
                         name = rename.get(s.name, s.name)
-                        if not writer.needs(name):
+                        if name not in planned or not writer.needs(name):
                             continue
-                        if fd is None:
-                            fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
-                        writer.write(name, _pread_exact(fd, s.nbytes, s.offset, s.name))
+                        q = quants.get(name) if target is not None else None
+                        writer.write(name, convert(read(s), s.dtype, s.shape, planned[name], q,
+                                                   lambda n: array(by_name[n])))
+                        continue
+                    if sp.rule.part == "weight_scale" and target is not None:
                         continue
                     # Stacked: one expert's slice at a time (contiguous), split, written.
                     step = s.nbytes // len(sp.pieces)
                     raw = _raw(s.dtype)
+                    scale_sp = None
+                    if target is not None and sp.rule.scale:
+                        scale_sp = splits[sp.source[: len(sp.source) - len(sp.rule.suffix)]
+                                          + sp.rule.scale]
                     for e, row in enumerate(sp.pieces):
-                        if not any(writer.needs(n) for n in row):
+                        if not any(writer.needs(n) for n in row if n in planned):
                             continue
-                        if fd is None:
-                            fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
-                        slab = np.frombuffer(_pread_exact(fd, step, s.offset + e * step,
-                                                          s.name), dtype=raw)
-                        for name, piece in zip(row, _split_slab(sp.rule, slab, sp.shapes)):
+                        slab = np.frombuffer(read(s, step, e * step), dtype=raw)
+                        pieces = _split_slab(sp.rule, slab, sp.shapes)
+                        scales: dict[str, np.ndarray] = {}
+                        if scale_sp is not None:
+                            ss = sources[scale_sp.source]
+                            sstep = ss.nbytes // len(scale_sp.pieces)
+                            sslab = np.frombuffer(read(ss, sstep, e * sstep), dtype=_raw(ss.dtype))
+                            scales = dict(zip(scale_sp.pieces[e],
+                                              _split_slab(scale_sp.rule, sslab, scale_sp.shapes)))
+                        for j, (name, piece) in enumerate(zip(row, pieces)):
                             if writer.needs(name):
-                                writer.write(name, memoryview(piece.reshape(-1).view(np.uint8)))
+                                writer.write(name, convert(piece, s.dtype, sp.shapes[j],
+                                                           planned[name], sp.quant(e, j),
+                                                           scales.__getitem__))
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -962,7 +1338,8 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
         piece_of: dict[str, _Split] = {}
         reshape: dict[str, list[int]] = {}
         for layer in m.layers:
-            _, layer_splits = _layer_plan(fam, None, layer.index, layer.num_experts, layer)
+            _, layer_splits = _layer_plan(fam, None, layer.index, layer.num_experts, layer,
+                                          _stored_rules(fam, m, layer))
             for sp in layer_splits:
                 for row in sp.pieces:
                     for n in row:
@@ -994,17 +1371,20 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
                 items.append((name, target, stored.dtype, shape,
                               dtypes.itemsize(stored.dtype) * _numel(stored.shape)))
                 continue
-            for row in sp.pieces:
-                for n, shape in zip(row, sp.shapes):
+            for e, row in enumerate(sp.pieces):
+                for j, (n, shape) in enumerate(zip(row, sp.shapes)):
                     piece = m.tensors.get(n)
                     if piece is None:
                         raise ConversionError(f"stacked {sp.source!r} lacks its piece", field=n)
                     got = m.resolve(n)
                     if got.dtype != stored.dtype or tuple(got.shape) != tuple(shape) \
-                            or got.quantization is not None or piece.source_name != sp.source:
+                            or piece.quantization != sp.quant(e, j) \
+                            or piece.source_name != sp.source:
                         raise ConversionError(f"piece of stacked {sp.source!r} has dtype "
-                                              f"{got.dtype}, shape {list(got.shape)}; expected "
-                                              f"{stored.dtype}, {list(shape)}", field=n)
+                                              f"{got.dtype}, shape {list(got.shape)}, "
+                                              f"quantization {piece.quantization}; expected "
+                                              f"{stored.dtype}, {list(shape)}, "
+                                              f"{sp.quant(e, j)}", field=n)
             shape = list(sp.source_shape)
             items.append((sp, target, stored.dtype, shape,
                           dtypes.itemsize(stored.dtype) * _numel(shape)))
@@ -1053,7 +1433,7 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
                                         for _, t, _, _, _ in sh}}
                 (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             (tmp / "config.json").write_text(
-                json.dumps(m.model.source_config, indent=2, sort_keys=True) + "\n")
+                json.dumps(_written_config(m), indent=2, sort_keys=True) + "\n")
             if out.exists():
                 old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
                 out.rename(old)
@@ -1065,6 +1445,27 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _stored_rules(family: Family, m, layer: LayerSpec) -> tuple[Stacked, ...]:
+    """The stacked rules the layer's stored pieces follow: a quantized layout's when its first
+    quantized piece carries that scheme (the checkpoint was not dequantized), else the plain."""
+    for method, rules in family.quantized.items():
+        probe = next(r for r in rules if r.quant and r.part == "weight")
+        entry = m.tensors.get(layer.expert_name(0, probe.projs[0]))
+        if entry is not None and entry.quantization is not None \
+                and entry.quantization.scheme == QUANT_SCHEMES.get(method):
+            return rules
+    return family.stacked
+
+
+def _written_config(m) -> dict:
+    """The source config, verbatim; less its quantization_config when no tensor is quantized
+    any more (converted with `dtype`), so transformers loads the dequantized weights as such."""
+    config = m.model.source_config
+    if "quantization_config" in config and not any(t.quantization for t in m.tensors.values()):
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
+    return config
 
 
 def _read_stored(ckpt, name: str) -> bytes:

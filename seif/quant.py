@@ -61,8 +61,10 @@ def _mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     low = _FP4_E2M1[blocks & 0x0F]
     high = _FP4_E2M1[blocks >> 4]
     values = np.stack([low, high], axis=-1).reshape(*blocks.shape[:-1], 32)
-    exponent = scales.view(np.uint8).astype(np.int32) - 127
-    values = values * np.ldexp(np.float32(1), exponent)[..., None].astype(np.float32)
+    raw = scales.view(np.uint8)
+    scale = np.ldexp(np.float32(1), raw.astype(np.int32) - 127).astype(np.float32)
+    scale[raw == 255] = np.nan  # E8M0's one NaN encoding (spec §3.3.3)
+    values = values * scale[..., None]
     return values.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
 
 

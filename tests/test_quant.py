@@ -69,3 +69,12 @@ def test_quantized_checkpoint_passes_through_and_dequantizes(tmp_path):
     out = seif.open(convert(path, tmp_path / "f32.seif", dtype="f32"))
     assert out.tensor_names() == ["dense.weight"]
     np.testing.assert_array_equal(out.tensor("dense.weight"), real)
+
+
+def test_mxfp4_scale_255_is_nan():
+    blocks = np.full((1, 1, 16), 0x22, np.uint8)  # every value 1.0
+    q = Quantization("mxfp4", [1, 32], "s")
+    got = dequantize(blocks, q, {"s": np.array([[255]], np.uint8)}.__getitem__)
+    assert np.isnan(got).all()
+    got = dequantize(blocks, q, {"s": np.array([[254]], np.uint8)}.__getitem__)
+    assert (got == 2.0**127).all()

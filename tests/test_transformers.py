@@ -97,6 +97,38 @@ FAMILY_CONFIGS.update({
                              + [b.layer[2] for b in m.decoder.block],
                              "route": lambda b, x: _switch_route(b, x)}),
 })
+FAMILY_CONFIGS.update({
+    "qwen3_next": (dict(intermediate_size=48, moe_intermediate_size=16,
+                        shared_expert_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                        head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
+                        linear_key_head_dim=8, linear_value_head_dim=8,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+                   "mlp"),
+    "flex_olmo": (dict(intermediate_size=16, num_experts=6, num_experts_per_tok=2,
+                       norm_topk_prob=True), "mlp"),
+    "minimax": (dict(intermediate_size=16, num_local_experts=6, num_experts_per_tok=2,
+                     head_dim=8, layer_types=["full_attention", "linear_attention",
+                                              "full_attention"]), "mlp"),
+    "hunyuan_v1_moe": (dict(intermediate_size=16, num_experts=6, moe_topk=2, head_dim=8), "mlp"),
+    "lfm2_moe": (dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                      num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=1.7,
+                      layer_types=["conv", "full_attention", "conv"]), "feed_forward",
+                 {"route": lambda b, x: b.gate(x, b.expert_bias)[1:]}),
+    "dots1": (dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                   num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=2,
+                   first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                   head_dim=8), "mlp"),
+})
+_DEEPSEEK_LIKE = dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                      num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=2,
+                      routed_scaling_factor=1.5, norm_topk_prob=True)
+FAMILY_CONFIGS.update({
+    "glm4_moe_lite": (dict(_DEEPSEEK_LIKE, mlp_layer_types=["dense", "sparse", "sparse"],
+                           q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4), "mlp"),
+    "solar_open": (dict(_DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=False), "mlp"),
+})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -124,12 +156,13 @@ def options(model_type: str) -> dict:
     return entry[2] if len(entry) > 2 else {}
 
 
-def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0, **save_kwargs):
+def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0,
+          config_kwargs: dict | None = None, **save_kwargs):
     """A tiny random model of `model_type`, saved to `path`. Weights are re-drawn with a larger
     scale than the default init so routing is decided by clear margins, and DeepSeek's
     e_score_correction_bias (zeros at init) is random so the selection bias matters."""
     torch.manual_seed(seed)
-    kwargs = FAMILY_CONFIGS[model_type][0]
+    kwargs = {**FAMILY_CONFIGS[model_type][0], **(config_kwargs or {})}
     config = transformers.AutoConfig.for_model(model_type.split("-")[0], **{**COMMON, **kwargs})
     auto = getattr(transformers, options(model_type).get("auto", "AutoModelForCausalLM"))
     model = auto.from_config(config).eval()
@@ -137,7 +170,7 @@ def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0, **
         for p in model.parameters():
             p.normal_(0.0, 0.3)
         for name, b in [*model.named_buffers(), *model.named_parameters()]:
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.normal_(0.0, 0.1)
     model = model.to(dtype)
     model.save_pretrained(path, **save_kwargs)
@@ -254,6 +287,26 @@ def test_round_trip_is_byte_identical(converted):
     assert torch.equal(l0, l2)
 
 
+def test_dtype_casts_all_but_routers(converted):
+    """dtype="bf16" (as seif -> seif --dtype): every float tensor is its fp32 value rounded to
+    bf16, stacked pieces included; routers (weight, bias, selection bias) keep fp32 bytes."""
+    model_type, _, root, out = converted
+    cast = seif.convert.convert(root / "hf", root / "bf16.seif", dtype="bf16")
+    a, b = seif.open(out), seif.open(cast)
+    assert a.manifest.tensors.keys() == b.manifest.tensors.keys()
+    routers = {layer.router_name(p) for layer in a.layers
+               for p in ("weight", "bias", "selection_bias")}
+    for name, entry in a.manifest.tensors.items():
+        got = b.manifest.tensors[name]
+        assert got.source_name == entry.source_name and got.shape == entry.shape
+        if name in routers:
+            assert got.dtype == "F32" and got.checksum == entry.checksum, name
+        else:
+            assert got.dtype == "BF16", name
+            np.testing.assert_array_equal(
+                b.tensor(name), a.tensor(name).astype(b.tensor(name).dtype), err_msg=name)
+
+
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss", "dbrx"])
 def test_bf16_sharded_round_trip(tmp_path, model_type):
     """bf16 bytes pass through bit-exactly, from a sharded checkpoint with an index; stacked
@@ -266,6 +319,16 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
     back = seif.convert.convert(out, tmp_path / "back", target_format="transformers")
     a, b = read_all(tmp_path / "hf"), read_all(back)
     assert a == b
+
+
+@pytest.mark.parametrize("model_type,match", [("jetmoe", "output bias.*MoA"),
+                                              ("nllb_moe", "one-hot top-1 mask")])
+def test_known_unsupported_family_says_why(tmp_path, model_type, match):
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ConversionError, match=match):
+        seif.convert.convert(src, tmp_path / "out.seif")
 
 
 def test_unsupported_family_is_refused(tmp_path):
@@ -281,7 +344,13 @@ def test_unsupported_family_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("model_type,edit,match", [
-    ("gpt_oss", {"quantization_config": {"quant_method": "mxfp4"}}, "MXFP4.*not implemented"),
+    ("gpt_oss", {"quantization_config": {"quant_method": "bitsandbytes_4bit"}},
+     "quant_method 'bitsandbytes_4bit' is not supported for gpt_oss.*mxfp4"),
+    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8",
+                                             "activation_scheme": "static"}},
+     "activation_scheme 'static'"),
+    ("granitemoe", {"quantization_config": {"quant_method": "fp8"}},
+     "stores its experts stacked"),
     ("phimoe", {"num_experts_per_tok": 3}, "always picks exactly 2"),
     ("ernie4_5_moe", {"use_bias": True}, "use_bias=True is not supported"),
 ])
@@ -323,3 +392,246 @@ def test_module_import_needs_no_torch():
             "print(t.supported_families())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "mixtral" in out.stdout
+
+
+# --------------------------------------------------------------------------- quantized weights
+FP8_PUBLISHED = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                 "activation_scheme": "dynamic"}   # as DeepSeek-V3 publishes it
+
+
+def _save_dir(path: Path, tensors: dict, config: dict) -> None:
+    from safetensors.torch import save_file
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _load_dir(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+def _fp8_quantize(w, block):
+    """DeepSeek-V3-style block quantization: fp8 e4m3 values, F32 scales `[ceil(R/br),
+    ceil(C/bc)]` that multiply (`weight_scale_inv`); returns (q, scale, real values of q)."""
+    r = torch.arange(w.shape[0]) // block[0]
+    c = torch.arange(w.shape[1]) // block[1]
+    amax = torch.stack([torch.stack([w[r == i][:, c == j].abs().max()
+                                     for j in range(int(c[-1]) + 1)])
+                        for i in range(int(r[-1]) + 1)])
+    scale = (amax / 448.0).clamp(min=1e-12)
+    full = scale[r[:, None], c[None, :]]
+    q = (w / full).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * full
+
+
+def _fp8_dense(name: str, t) -> bool:
+    """What DeepSeek-V3 quantizes: every linear weight but embeddings, lm_head and routers."""
+    return t.ndim == 2 and name.endswith(".weight") and not any(
+        k in name for k in ("embed_tokens", "lm_head", "norm", "mlp.gate.weight"))
+
+
+@pytest.fixture(scope="module", params=[[128, 128], [8, 12]], ids=["published", "partial"])
+def fp8_deepseek(request, tmp_path_factory):
+    """A tiny DeepSeek-V3 whose linear weights are fp8 block-quantized (published config form,
+    and 8x12 blocks so several, partial, blocks tile each weight); plus the transformers model
+    loaded with the dequantized fp32 weights, the reference."""
+    block = request.param
+    root = tmp_path_factory.mktemp("fp8")
+    build("deepseek_v3", root / "fp32")
+    config = json.loads((root / "fp32" / "config.json").read_text())
+    fp8, deq = {}, {}
+    for name, t in _load_dir(root / "fp32").items():
+        if _fp8_dense(name, t):
+            q, scale, real = _fp8_quantize(t, block)
+            fp8[name], fp8[name + "_scale_inv"], deq[name] = q, scale, real
+        else:
+            fp8[name] = deq[name] = t
+    qcfg = {**FP8_PUBLISHED, "weight_block_size": block}
+    _save_dir(root / "hf", fp8, {**config, "quantization_config": qcfg})
+    _save_dir(root / "deq", deq, config)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(root / "deq").eval()
+    out = seif.convert.convert(root / "hf", root / "model.seif")
+    return root, reference, out, block
+
+
+def test_fp8_block_experts_pass_through_and_match_transformers(fp8_deepseek):
+    """fp8 expert weights keep their bytes, carry an fp8-block descriptor with their scale
+    (`<canonical>_scale`, in the expert's shard); dense fp8 weights keep their names and
+    scales; the dequantized SEIF forward equals transformers' block on the dequantized
+    weights."""
+    root, reference, out, block = fp8_deepseek
+    ckpt = seif.open(out)
+    m = ckpt.manifest
+    assert "quant.fp8-block" in m.required_features
+    name = "layers.1.experts.3.down.weight"
+    entry = m.tensors[name]
+    assert entry.dtype == "F8_E4M3" and entry.quantization.scheme == "fp8-block"
+    assert entry.quantization.block == block and entry.quantization.scale == name + "_scale"
+    assert m.tensors[name + "_scale"].shard == entry.shard
+    assert m.tensors[name + "_scale"].source_name.endswith("down_proj.weight_scale_inv")
+    shared = m.tensors["layers.1.shared_experts.0.gate.weight"]
+    assert shared.quantization.scale == "layers.1.shared_experts.0.gate.weight_scale"
+    dense = "model.layers.0.self_attn.kv_b_proj.weight"
+    assert m.tensors[dense].quantization.scale == dense + "_scale_inv"
+    assert m.tensors[m.layers[0].router_name()].quantization is None
+    src = _load_dir(root / "hf")
+    np.testing.assert_array_equal(
+        ckpt.tensor(name).view(np.uint8),
+        src["model.layers.1.mlp.experts.3.down_proj.weight"].view(torch.uint8).numpy())
+    rng = np.random.default_rng(1)
+    for layer in m.layers:
+        x = rng.standard_normal((T, layer.hidden_size)).astype(np.float32)
+        params = ckpt.moe_params(layer.index)
+        got = moe_forward(x, layer, params)
+        want = hf_moe_output(reference, "deepseek_v3", layer.index, x)
+        err = float(np.max(np.abs(got - want)))
+        assert err <= 1e-5, f"fp8 layer {layer.index}: max abs err {err}"
+        _, hf_idx = hf_route(reference, "deepseek_v3", layer.index, x)
+        res = route(router_logits(x, params.router_weight, None), layer.routing,
+                    params.selection_bias)
+        np.testing.assert_array_equal(np.sort(hf_idx, -1), np.sort(res.indices, -1))
+
+
+def test_fp8_round_trip_is_byte_identical(fp8_deepseek):
+    root, _, out, _ = fp8_deepseek
+    back = seif.convert.convert(out, root / "back", target_format="transformers")
+    assert read_all(root / "hf") == read_all(back)
+    assert json.loads((back / "config.json").read_text()) == \
+        json.loads((root / "hf" / "config.json").read_text())
+
+
+def test_fp8_dtype_dequantizes(fp8_deepseek, tmp_path):
+    """dtype="bf16": quantized weights (expert and dense) become their real values in bf16 and
+    lose their scales, routers keep fp32; back in transformers the config drops its
+    quantization_config and the model loads."""
+    root, reference, _, block = fp8_deepseek
+    if block != [8, 12]:
+        pytest.skip("one block size is enough")
+    out = seif.convert.convert(root / "hf", tmp_path / "bf16.seif", dtype="bf16")
+    ckpt = seif.open(out)
+    m = ckpt.manifest
+    assert not any(f.startswith("quant.") for f in m.required_features)
+    assert not any(n.endswith(("_scale", "_scale_inv")) for n in m.tensors)
+    deq = _load_dir(root / "deq")
+    for name, src in [("layers.2.experts.5.up.weight", "model.layers.2.mlp.experts.5.up_proj"),
+                      ("model.layers.1.self_attn.o_proj.weight",
+                       "model.layers.1.self_attn.o_proj")]:
+        assert m.tensors[name].dtype == "BF16" and m.tensors[name].quantization is None
+        np.testing.assert_array_equal(ckpt.tensor(name).astype(np.float32),
+                                      deq[src + ".weight"].to(torch.bfloat16).float().numpy())
+    assert m.tensors[m.layers[0].router_name()].dtype == "F32"
+    back = seif.convert.convert(out, tmp_path / "back", target_format="transformers")
+    assert "quantization_config" not in json.loads((back / "config.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(back)
+    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype in (torch.bfloat16,
+                                                                    torch.float32)
+
+
+MXFP4_DIMS = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_gpt_oss(tmp_path_factory):
+    """A tiny gpt-oss with MXFP4 experts as published (`*_blocks` U8 [E, out, in/32, 16],
+    `*_scales` U8 [E, out, in/32], biases bf16/fp32); the reference is the fp32 model with
+    its experts set to transformers' own dequantization of those blocks."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    root = tmp_path_factory.mktemp("mxfp4")
+    model = build("gpt_oss", root / "fp32", config_kwargs=MXFP4_DIMS)
+    tensors = _load_dir(root / "fp32")
+    gen = torch.Generator().manual_seed(5)
+    for li, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{li}.mlp.experts.{proj}"
+            E, inner, outer = tensors.pop(name).shape      # stored [E, in, out]
+            blocks = torch.randint(0, 256, (E, outer, inner // 32, 16), dtype=torch.uint8,
+                                   generator=gen)
+            scales = torch.randint(118, 126, (E, outer, inner // 32), dtype=torch.uint8,
+                                   generator=gen)
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            with torch.no_grad():
+                getattr(experts, proj).copy_(convert_moe_packed_tensors(blocks, scales,
+                                                                        dtype=torch.float32))
+    config = json.loads((root / "fp32" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+        "lm_head"]}
+    _save_dir(root / "hf", tensors, config)
+    out = seif.convert.convert(root / "hf", root / "model.seif")
+    return root, model, out
+
+
+def test_mxfp4_dequantization_agrees_with_transformers():
+    """seif.quant's mxfp4 (low nibble first, 2^(s-127)) against transformers' own
+    convert_moe_packed_tensors on random bytes, for every scale but 255 (NaN in the spec)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from seif.manifest import Quantization
+    from seif.quant import dequantize
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (2, 6, 3, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(0, 255, (2, 6, 3), dtype=torch.uint8, generator=gen)
+    hf = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)
+    for e in range(2):
+        q = Quantization("mxfp4", [6, 96], "s", group_size=32)
+        got = dequantize(blocks[e].numpy(), q, {"s": scales[e].numpy()}.__getitem__)
+        np.testing.assert_array_equal(got, hf[e].numpy())
+
+
+def test_mxfp4_experts_pass_through_and_match_transformers(mxfp4_gpt_oss):
+    root, model, out = mxfp4_gpt_oss
+    ckpt = seif.open(out)
+    m = ckpt.manifest
+    assert "quant.mxfp4" in m.required_features
+    layer = m.layers[0]
+    gate, up = layer.expert_name(2, "gate"), layer.expert_name(2, "up")
+    assert m.tensors[gate].dtype == "U8" and m.tensors[gate].shape == [64, 2, 16]
+    assert m.tensors[gate].quantization.logical_shape == [64, 64]
+    assert m.tensors[gate + "_scale"].shard == m.tensors[gate].shard
+    src = _load_dir(root / "hf")
+    blocks = src["model.layers.0.mlp.experts.gate_up_proj_blocks"][2]
+    np.testing.assert_array_equal(ckpt.tensor(gate), blocks[0::2].numpy())   # interleaved rows
+    np.testing.assert_array_equal(ckpt.tensor(up), blocks[1::2].numpy())
+    rng = np.random.default_rng(1)
+    for layer in m.layers:
+        x = rng.standard_normal((T, layer.hidden_size)).astype(np.float32)
+        got = moe_forward(x, layer, ckpt.moe_params(layer.index))
+        want = hf_moe_output(model, "gpt_oss", layer.index, x)
+        err = float(np.max(np.abs(got - want)))
+        assert err <= 1e-5, f"mxfp4 layer {layer.index}: max abs err {err}"
+        params = ckpt.moe_params(layer.index)
+        _, hf_idx = hf_route(model, "gpt_oss", layer.index, x)
+        res = route(router_logits(x, params.router_weight, params.router_bias), layer.routing)
+        np.testing.assert_array_equal(np.sort(hf_idx, -1), np.sort(res.indices, -1))
+
+
+def test_mxfp4_round_trip_is_byte_identical(mxfp4_gpt_oss):
+    root, _, out = mxfp4_gpt_oss
+    back = seif.convert.convert(out, root / "back", target_format="transformers")
+    assert read_all(root / "hf") == read_all(back)
+    assert json.loads((back / "config.json").read_text()) == \
+        json.loads((root / "hf" / "config.json").read_text())
+
+
+def test_mxfp4_dtype_bf16_dequantizes(mxfp4_gpt_oss, tmp_path):
+    """--dtype bf16: experts become bf16 values (exactly transformers' bf16 dequantization),
+    written back as the unquantized stacked `gate_up_proj` / `down_proj`; the router stays
+    fp32, and transformers loads the result with no quantization_config."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    root, _, _ = mxfp4_gpt_oss
+    out = seif.convert.convert(root / "hf", tmp_path / "bf16.seif", dtype="bf16")
+    m = seif.open(out).manifest
+    assert not any(f.startswith("quant.") for f in m.required_features)
+    assert m.tensors[m.layers[0].router_name()].dtype == "F32"
+    back = seif.convert.convert(out, tmp_path / "back", target_format="transformers")
+    assert "quantization_config" not in json.loads((back / "config.json").read_text())
+    src, got = _load_dir(root / "hf"), _load_dir(back)
+    for proj in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.1.mlp.experts.{proj}"
+        want = convert_moe_packed_tensors(src[name + "_blocks"], src[name + "_scales"],
+                                          dtype=torch.bfloat16)
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want)
+    assert got["model.layers.1.mlp.experts.down_proj_bias"].dtype == torch.bfloat16
+    transformers.AutoModelForCausalLM.from_pretrained(back)
