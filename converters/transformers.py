@@ -52,8 +52,8 @@ from seif.manifest import (
 from seif.progress import byte_progress
 from seif.shardfile import read_header
 
-__all__ = ["FAMILIES", "REFUSED", "Family", "from_seif", "register", "supported_families",
-           "to_seif"]
+__all__ = ["FAMILIES", "REFUSED", "Family", "export", "from_seif", "load", "register",
+           "supported_families", "to_seif"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -1478,6 +1478,37 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def export(model_or_dir, out: str | os.PathLike, **options) -> Path:
+    """Write a transformers model (a `PreTrainedModel`, or a checkpoint directory) as SEIF.
+
+    A live model is saved with `save_pretrained` into a temporary directory first: the
+    converter reads files (the published on-disk names), never a model's in-memory layout.
+    """
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        return to_seif(model_or_dir, out, **options)
+    import tempfile
+
+    if not hasattr(model_or_dir, "save_pretrained"):
+        raise ConversionError(f"expected a transformers model or a directory, got "
+                              f"{type(model_or_dir).__name__}")
+    with tempfile.TemporaryDirectory(prefix="seif-export-") as tmp:
+        model_or_dir.save_pretrained(tmp)
+        return to_seif(tmp, out, **options)
+
+
+def load(path: str | os.PathLike, **from_pretrained_kwargs):
+    """A transformers model (`AutoModelForCausalLM`, or the family's own auto class) rebuilt
+    from a SEIF checkpoint converted from transformers: bitwise the source model's weights."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="seif-load-") as tmp:
+        hf = Path(tmp) / "model"
+        from_seif(path, hf)
+        return AutoModelForCausalLM.from_pretrained(hf, **from_pretrained_kwargs)
 
 
 def register() -> None:

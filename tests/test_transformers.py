@@ -635,3 +635,18 @@ def test_mxfp4_dtype_bf16_dequantizes(mxfp4_gpt_oss, tmp_path):
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want)
     assert got["model.layers.1.mlp.experts.down_proj_bias"].dtype == torch.bfloat16
     transformers.AutoModelForCausalLM.from_pretrained(back)
+
+
+def test_export_and_load_helpers(tmp_path):
+    """`export(model, out)` from a live model and `load(path)` back give the same logits."""
+    from seif.converters.transformers import export, load
+
+    model = build("mixtral", tmp_path / "hf")
+    out = export(model, tmp_path / "m.seif")
+    assert seif.open(out).layers
+    again = load(out).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    with pytest.raises(ConversionError, match="expected a transformers model"):
+        export(object(), tmp_path / "x.seif")
