@@ -224,6 +224,15 @@ def _k(b: _Builder, k: int) -> str:
     return b.const([k], np.int64)
 
 
+def _sigmoid(b: _Builder, v: str) -> str:
+    """1 / (1 + exp(-v)), as spec §6 and the reference (`seif.routing._sigmoid`) compute it.
+    Not ONNX `Sigmoid`: ONNX Runtime's CPU Sigmoid (MLAS) is accurate only in absolute terms
+    (sigmoid(-10) comes out 2e-4 too small relatively, sigmoid(-20) as 0), far outside the
+    router's float32 tolerance, while its `Exp` is accurate. Very negative v: exp overflows to
+    inf and the result is exactly 0, the correctly rounded answer; NaN stays NaN."""
+    return b.op("Reciprocal", [b.op("Add", [b.op("Exp", [b.op("Neg", [v])]), b.const(1.0)])])
+
+
 # =========================================================================== router body
 def _capacity_c(b: _Builder, cap: Capacity, T1d: str, E1d: str, top_k: int,
                 clip: bool) -> str:
@@ -323,7 +332,7 @@ def _router_body(b: _Builder, r: RoutingSpec, logits: str, sel_bias: str | None,
         elif r.scoring == "softmax":
             s = b.op("Softmax", [z], axis=1)
         else:
-            s = b.op("Sigmoid", [z])
+            s = _sigmoid(b, z)
         c = s if sel_bias is None else b.op("Add", [s, b.f32(sel_bias)])
         if r.kind == "group_topk":
             c = _group_limit(b, c, r)
@@ -332,7 +341,7 @@ def _router_body(b: _Builder, r: RoutingSpec, logits: str, sel_bias: str | None,
         if r.scoring == "softmax_topk":
             w = b.op("Softmax", [w], axis=1)
         elif r.scoring == "sigmoid_topk":
-            w = b.op("Sigmoid", [w])
+            w = _sigmoid(b, w)
     w = _normalize_scale(b, w, r)
     if r.capacity is not None:
         T1d, E1d = b.dim(z, 0), b.dim(z, 1)
@@ -374,7 +383,7 @@ def _activation(b: _Builder, name: str, g: str | None, u: str, alpha: float,
         return b.op("Mul", [half, b.op("Add", [inner, b.const(1.0)])])
 
     def silu(v):
-        return b.op("Mul", [v, b.op("Sigmoid", [v])])
+        return b.op("Mul", [v, _sigmoid(b, v)])
 
     if name == "swiglu":
         return b.op("Mul", [silu(g), u])
@@ -386,7 +395,7 @@ def _activation(b: _Builder, name: str, g: str | None, u: str, alpha: float,
         lim = np.float32(limit)
         g2 = b.op("Min", [g, b.const(lim)])
         u2 = b.op("Clip", [u, b.const(-lim), b.const(lim)])
-        glu = b.op("Mul", [g2, b.op("Sigmoid", [b.op("Mul", [g2, b.const(np.float32(alpha))])])])
+        glu = b.op("Mul", [g2, _sigmoid(b, b.op("Mul", [g2, b.const(np.float32(alpha))]))])
         return b.op("Mul", [b.op("Add", [u2, b.const(1.0)]), glu])
     if name == "relu":
         return b.op("Relu", [u])
@@ -444,7 +453,7 @@ def _moe_body(b: _Builder, layer: LayerSpec, present: set[str], out_name: str | 
     else:
         if r.kind == "expert_choice":
             s = b.op("Softmax", [logits], axis=1) if r.scoring == "softmax" \
-                else b.op("Sigmoid", [logits])
+                else _sigmoid(b, logits)
             sT = b.op("Transpose", [s], perm=[1, 0])                            # [E, T]
             C = _capacity_c(b, r.capacity, b.dim(x, 0), b.dim(logits, 1), 1, clip=True)
             tok = _topk_idx(b, sT, C)                                          # [E, C]
@@ -495,7 +504,7 @@ def _moe_body(b: _Builder, layer: LayerSpec, present: set[str], out_name: str | 
         if inp["shared_expert_gate"]:
             gate = b.op("MatMul", [x, b.op("Transpose", [b.f32(inp["shared_expert_gate"])],
                                             perm=[1, 0])])
-            sh = b.op("Mul", [b.op("Sigmoid", [gate]), sh])
+            sh = b.op("Mul", [_sigmoid(b, gate), sh])
         out = b.op("Add", [out, sh])
     return b.op("CastLike", [out, inp["hidden_states"]], outputs=[out_name] if out_name else None)
 
@@ -649,10 +658,15 @@ def router_model(layer: LayerSpec, selection_bias: np.ndarray | None = None):
 
 
 def moe_model(layers_params: list[tuple[LayerSpec, Any]], *, target: str = "portable",
-              dtype=None, model_info: ModelInfo | None = None):
+              dtype=None, model_info: ModelInfo | None = None, ort_router: str = "seif"):
     """The ONNX model (ModelProto) for one or more MoE layers with their `seif.moe.MoEParams`.
 
     One layer: output `output`; several: outputs `output_<index>`, all from `hidden_states`.
+    `ort_router` (target ``ort`` only): ``seif`` (the default) computes every router with the
+    `SeifRouter` log-weight form, which follows spec §6.2 and §6.3 exactly; ``stock`` feeds plain
+    softmax top-k logits straight to com.microsoft.MoE, one subgraph less, but its own top-k
+    breaks exact ties to the higher index and turns a NaN token into 0 (not conforming: the
+    conformance suite's ``ort-com-microsoft-stock`` backend shows exactly which cases fail).
     """
     onnx = _onnx()
     helper, tp = onnx.helper, onnx.TensorProto
@@ -660,6 +674,8 @@ def moe_model(layers_params: list[tuple[LayerSpec, Any]], *, target: str = "port
         raise ConversionError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     if not layers_params:
         raise ConversionError("no layers to export")
+    if ort_router not in ("seif", "stock"):
+        raise ConversionError(f"unknown ort_router {ort_router!r}; use seif or stock")
     H = layers_params[0][0].hidden_size
     if any(layer.hidden_size != H for layer, _ in layers_params):
         raise ConversionError("layers differ in hidden size; export them one at a time")
@@ -676,7 +692,7 @@ def moe_model(layers_params: list[tuple[LayerSpec, Any]], *, target: str = "port
                                       f"com.microsoft.MoE: {refusal}")
             if dtype not in (None, "f32", "float32"):
                 raise ConversionError("--target ort is float32 only (the CPU MoE kernel)")
-            n, i, fns = _ort_layer(layer, params, out_name)
+            n, i, fns = _ort_layer(layer, params, out_name, ort_router)
             nodes += n
             inits += i
             for f in fns:
@@ -801,8 +817,9 @@ def _ort_moe_attributes(layer: LayerSpec, plain: bool) -> dict[str, Any]:
     return attrs
 
 
-def _ort_layer(layer: LayerSpec, params, out_name: str):
-    """Nodes, initializers and functions computing `layer` with com.microsoft.MoE."""
+def _ort_layer(layer: LayerSpec, params, out_name: str, router: str = "seif"):
+    """Nodes, initializers and functions computing `layer` with com.microsoft.MoE (`router`:
+    see `moe_model`'s `ort_router`)."""
     onnx = _onnx()
     p = f"layers.{layer.index}."
     b = _Builder(p)
@@ -824,7 +841,7 @@ def _ort_layer(layer: LayerSpec, params, out_name: str):
           init("experts.fc2_bias", ew["fc2_bias"]) if "fc2_bias" in ew else ""]
     while fc[-1] == "":
         fc.pop()
-    plain = _is_plain_softmax(layer)
+    plain = router == "stock" and _is_plain_softmax(layer)
     functions = []
     moe_out = out_name if layer.shared_experts is None else None
     if plain:
@@ -861,7 +878,7 @@ def _ort_layer(layer: LayerSpec, params, out_name: str):
         if params.shared_gate is not None:
             g = b.op("MatMul", [x, init("shared_experts.gate.weight_t",
                                         np.asarray(params.shared_gate, np.float32).T)])
-            sh = b.op("Mul", [b.op("Sigmoid", [g]), sh])
+            sh = b.op("Mul", [_sigmoid(b, g), sh])
         b.op("Add", [out, sh], outputs=[out_name])
     return b.nodes, inits, functions
 
@@ -1174,7 +1191,7 @@ def _from_ms_moe(node, g: _Graph, all_nodes, index: int):
         # The pattern must be exactly what this module emits for that routing.
         layer = LayerSpec(index, int(E), int(H), routing, ffn)
         params = MoEParams(*params_router, experts)
-        expected = _ort_layer(layer, params, "output")[0]
+        expected = _ort_layer(layer, params, "output", "seif")[0]
         mine = [n for n in all_nodes if n.op_type != "MoE" and
                 not (n.op_type == "MatMul" and n.input[0] == x and n.input[1] in g.inits)]
         want = [n for n in expected if n.op_type != "MoE" and n.op_type != "MatMul"]

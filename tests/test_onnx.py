@@ -259,17 +259,19 @@ def test_ort_lowering_matches_reference(name):
     layer = make_layer(routing, act, bias=bias, shared=shared)
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     params = random_layer_params(layer, rng)
-    model = sx.moe_model([(layer, params)], target="ort")
-    onnx.checker.check_model(model, full_check=True)
-    assert ("com.microsoft", "MoE") in _ort_nodes(model)
-    assert ("ai.seif", "SeifMoE") not in _ort_nodes(model)
     plain = name in ("mixtral", "qwen_no_renorm", "relu", "gelu_tanh")
-    assert (("ai.seif", "SeifRouter") in _ort_nodes(model)) != plain
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for T in (1, 37):
-        x = tokens(rng, T)
-        got = sess.run(None, {"hidden_states": x})[0]
-        np.testing.assert_allclose(got, moe_forward(x, layer, params), **TOL)
+    for router in ("seif", "stock"):  # default: every router through SeifRouter
+        model = sx.moe_model([(layer, params)], target="ort", ort_router=router)
+        onnx.checker.check_model(model, full_check=True)
+        assert ("com.microsoft", "MoE") in _ort_nodes(model)
+        assert ("ai.seif", "SeifMoE") not in _ort_nodes(model)
+        assert (("ai.seif", "SeifRouter") in _ort_nodes(model)) != (plain and router == "stock")
+        sess = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        for T in (1, 37):
+            x = tokens(rng, T)
+            got = sess.run(None, {"hidden_states": x})[0]
+            np.testing.assert_allclose(got, moe_forward(x, layer, params), **TOL)
 
 
 @pytest.mark.parametrize("kind,why", [
