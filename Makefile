@@ -22,7 +22,7 @@ demo: $(STAMP)
 # The tests use the native ai.seif kernels, so `make test` builds them (a no-op when up to date).
 test: $(STAMP) native
 	$(BIN)/ruff check seif converters runtime tests benchmarks
-	$(BIN)/python -m pytest
+	SEIF_EXPECT_CUDA=$$(command -v nvcc >/dev/null && echo 1 || echo 0) $(BIN)/python -m pytest
 
 # The JAX extra must work without torch: a second, small venv with only .[jax,dev].
 JAX_VENV := .venv-jax

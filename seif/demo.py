@@ -119,6 +119,7 @@ def run_demo(out: Path | None, seed: int = 0) -> Path | None:
                           f"{human_bytes(report.bytes)}")
         _transformers_leg(out, seed, console)
         _jax_leg(path, layers, x, console)
+        _onnx_leg(path, out, layers, x, console)
         console.rule()
         kept = path if workdir is None else "(temporary; use --out DIR to keep it)"
         console.print(f"demo checkpoint: {kept}")
@@ -210,3 +211,43 @@ def _jax_leg(path: Path, layers: list[LayerSpec], x: np.ndarray, console) -> Non
             shapes = {k: list(v["kernel"].shape) for k, v in params["experts"].items()}
             console.print(f"layer {layer.index}: experts {shapes}; jit(moe_apply) vs reference "
                           f"max|diff| {float(np.max(np.abs(y - ref))):.1e}")
+
+
+def _onnx_leg(path: Path, out: Path, layers: list[LayerSpec], x: np.ndarray, console) -> None:
+    """Each layer exported to ONNX and run by ONNX Runtime three ways: the portable function body
+    (stock ORT), the native ai.seif kernels (when `make native` built them) and the lowering to
+    ORT's own com.microsoft.MoE (where it can express the layer exactly)."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from .converters import onnx as seif_onnx
+    except ImportError as exc:
+        console.rule("[bold]9. ONNX (skipped)")
+        console.print(f"install seif[onnx] for this step ({exc})")
+        return
+    from .convert import convert
+    from .moe import moe_forward
+    from .reader import Checkpoint
+    from .runtime.library import library_path
+    from .runtime.session import Session
+
+    console.rule("[bold]9. ONNX: export each layer, run it in ONNX Runtime")
+    lib = library_path()
+    with Checkpoint(path) as ckpt:
+        for layer in layers:
+            ref = moe_forward(x, layer, ckpt.moe_params(layer.index))
+            results = []
+            for target, library in (("portable", None), ("seif-kernels", "auto"),
+                                    ("ort", None)):
+                if target == "seif-kernels" and lib is None:
+                    results.append(f"{target}: no library (make native)")
+                    continue
+                refusal = seif_onnx.ort_lowering_refusal(layer) if target == "ort" else None
+                if refusal:
+                    results.append(f"{target}: refused ({refusal})")
+                    continue
+                model = out / f"layer{layer.index}-{target}.onnx"
+                convert(path, model, layer=layer.index, target=target, overwrite=True)
+                y = Session(model, library=library)(x)
+                results.append(f"{target}: max|diff| {float(np.max(np.abs(y - ref))):.1e}")
+            console.print(f"layer {layer.index}: " + "; ".join(results))
