@@ -157,6 +157,12 @@ def grouped_mm_supported(device: torch.device | str = "cpu",
     return _GROUPED_OK[key]
 
 
+# Whole-model ONNX export (`seif.converters.onnx_torch`) sets this, only while it runs
+# torch.onnx.export, to `hook(module, hidden_states)`: under torch.export each SparseMoE then
+# calls that instead of its forward (one `seif::moe` custom op per block).
+export_hook = None
+
+
 # --------------------------------------------------------------------------- the module
 class SparseMoE(nn.Module):
     """One SEIF MoE layer (spec §5) as an `nn.Module`.
@@ -282,6 +288,8 @@ class SparseMoE(nn.Module):
 
     # -- forward
     def forward(self, hidden_states: torch.Tensor):
+        if export_hook is not None and torch.compiler.is_exporting():
+            return export_hook(self, hidden_states)
         H = self.spec.hidden_size
         if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != H:
             raise RoutingError(f"hidden states are {list(hidden_states.shape)}; expected "
