@@ -423,12 +423,22 @@ def _canon_zero(v):
     return jnp.where(v == 0, jnp.zeros_like(v), v)
 
 
+def _canon_nan(v):
+    """One positive quiet NaN for every NaN: jax.lax.top_k ranks by the IEEE total order, which
+    puts a NaN with the sign bit set below -inf and orders NaNs by payload, while the spec ranks
+    every NaN first (the lower index among them). Negative NaNs are common: on x86 the default
+    NaN of an invalid operation has the sign bit set, e.g. jax.nn.sigmoid(nan) is -nan."""
+    import jax.numpy as jnp
+
+    return jnp.where(jnp.isnan(v), jnp.full_like(v, jnp.nan), v)
+
+
 def _topk(v, k: int):
-    """Indices of the k largest along the last axis: jax.lax.top_k already ranks NaN first and
-    breaks ties to the lower index; only the signed zeros need canonicalising."""
+    """Indices of the k largest along the last axis: jax.lax.top_k breaks ties to the lower
+    index and ranks a positive NaN first; signed zeros and NaNs need canonicalising."""
     import jax
 
-    return jax.lax.top_k(_canon_zero(v), k)[1]
+    return jax.lax.top_k(_canon_nan(_canon_zero(v)), k)[1]
 
 
 def _softmax(x, axis: int):
