@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test test-jax-without-torch lint fuzz bench venv clean
+.PHONY: demo test test-jax-without-torch lint fuzz bench conformance venv clean
 N ?= 100000
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -39,6 +39,14 @@ test-jax-without-torch: $(JAX_VENV)/.installed
 # Long-run reader fuzzing: `make fuzz N=1000000` (inputs); reproducers go to tests/fuzz/crashes/.
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/fuzz_reader.py --count $(N)
+
+# Every project backend against the conformance catalogue and the SEIF 1.0 must-pass list.
+CONFORMANCE_BACKENDS := numpy torch jax ort-function ort-kernels ort-com-microsoft
+conformance: $(STAMP) native
+	for b in $(CONFORMANCE_BACKENDS); do \
+	  $(BIN)/seif conformance run --backend $$b \
+	    --must-pass spec/conformance/must-pass-1.0.txt || exit 1; \
+	done
 
 # Benchmarks print ratio tables measured in one run (see benchmarks/README.md).
 SIZE_GB ?= 2
