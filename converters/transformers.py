@@ -24,6 +24,7 @@ maps) only when a conversion runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -358,6 +359,29 @@ class Family:
     quantized: dict[str, tuple[Stacked, ...]] = field(default_factory=dict)
 
 
+_DEEPSEEK_V3 = Family(
+    model_type="deepseek_v3",
+    block="model.layers.{l}.mlp",
+    num_experts=lambda c: c.n_routed_experts,
+    routing=_deepseek_v3_routing,
+    expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+    is_moe_layer=lambda c, layer: layer >= c.first_k_dense_replace,
+    selection_bias="gate.e_score_correction_bias",
+    shared_module="shared_experts",
+    shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
+                                 _activation(c)),
+    notes="sigmoid, group-limited top-k (top-2 sum, -inf mask), selection bias, "
+          "norm_topk_prob (+1e-20), routed_scaling_factor; first_k_dense_replace; "
+          "n_shared_experts as one MLP of moe_intermediate_size * n_shared_experts",
+)
+
+
+def _like_deepseek_v3(model_type: str, notes: str, **changes) -> Family:
+    """A family whose MoE block is DeepSeek-V3's verbatim (router, experts, shared experts);
+    only the model type, the MoE-layer rule and the notes differ."""
+    return dataclasses.replace(_DEEPSEEK_V3, model_type=model_type, notes=notes, **changes)
+
+
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(
         model_type="mixtral",
@@ -453,72 +477,15 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
         notes="softmax, top-k, norm_topk_prob (default off)",
     ),
-    Family(
-        model_type="deepseek_v3",
-        block="model.layers.{l}.mlp",
-        num_experts=lambda c: c.n_routed_experts,
-        routing=_deepseek_v3_routing,
-        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-        is_moe_layer=lambda c, layer: layer >= c.first_k_dense_replace,
-        selection_bias="gate.e_score_correction_bias",
-        shared_module="shared_experts",
-        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
-                                     _activation(c)),
-        notes="sigmoid, group-limited top-k (top-2 sum, -inf mask), selection bias, "
-              "norm_topk_prob (+1e-20), routed_scaling_factor; first_k_dense_replace; "
-              "n_shared_experts as one MLP of moe_intermediate_size * n_shared_experts",
-    ),
-    Family(
-        model_type="glm4_moe",
-        block="model.layers.{l}.mlp",
-        num_experts=lambda c: c.n_routed_experts,
-        routing=_deepseek_v3_routing,      # Glm4MoeTopkRouter is DeepseekV3TopkRouter verbatim
-        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-        is_moe_layer=lambda c, layer: layer >= c.first_k_dense_replace,
-        selection_bias="gate.e_score_correction_bias",
-        shared_module="shared_experts",
-        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
-                                     _activation(c)),
-        notes="as deepseek_v3",
-    ),
-    Family(
-        model_type="glm4_moe_lite",
-        block="model.layers.{l}.mlp",
-        num_experts=lambda c: c.n_routed_experts,
-        routing=_deepseek_v3_routing,      # Glm4MoeLiteMoE is Glm4MoeMoE
-        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-        is_moe_layer=lambda c, layer: c.mlp_layer_types[layer] == "sparse",
-        selection_bias="gate.e_score_correction_bias",
-        shared_module="shared_experts",
-        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
-                                     _activation(c)),
-        notes="as deepseek_v3; MoE where mlp_layer_types[l] == 'sparse'",
-    ),
-    Family(
-        model_type="solar_open",
-        block="model.layers.{l}.mlp",
-        num_experts=lambda c: c.n_routed_experts,
-        routing=_deepseek_v3_routing,      # SolarOpenMoE is Glm4MoeMoE
-        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-        selection_bias="gate.e_score_correction_bias",
-        shared_module="shared_experts",
-        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
-                                     _activation(c)),
-        notes="as deepseek_v3; every layer MoE",
-    ),
-    Family(
-        model_type="dots1",
-        block="model.layers.{l}.mlp",
-        num_experts=lambda c: c.n_routed_experts,
-        routing=_deepseek_v3_routing,      # Dots1TopkRouter is DeepseekV3TopkRouter verbatim
-        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-        is_moe_layer=lambda c, layer: layer >= c.first_k_dense_replace,
-        selection_bias="gate.e_score_correction_bias",
-        shared_module="shared_experts",
-        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts,
-                                     _activation(c)),
-        notes="as deepseek_v3",
-    ),
+    _DEEPSEEK_V3,
+    # Glm4MoeTopkRouter, Dots1TopkRouter are DeepseekV3TopkRouter verbatim; Glm4MoeLiteMoE and
+    # SolarOpenMoE are Glm4MoeMoE.
+    _like_deepseek_v3("glm4_moe", "as deepseek_v3"),
+    _like_deepseek_v3("glm4_moe_lite", "as deepseek_v3; MoE where mlp_layer_types[l] == 'sparse'",
+                      is_moe_layer=lambda c, layer: c.mlp_layer_types[layer] == "sparse"),
+    _like_deepseek_v3("solar_open", "as deepseek_v3; every layer MoE",
+                      is_moe_layer=lambda c, layer: True),
+    _like_deepseek_v3("dots1", "as deepseek_v3"),
     Family(
         model_type="deepseek_v2",
         block="model.layers.{l}.mlp",
