@@ -30,6 +30,7 @@ from benchmarks.moe_forward import (
     SHAPES,
     TOKENS,
     Flush,
+    Report,
     Shape,
     load,
     machine,
@@ -257,32 +258,9 @@ def block_footer(block: dict) -> str:
         f"{k} {v:.1e}" for k, v in block["rel_err"].items())
 
 
-def print_tables(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=240)
-    for line in header_lines(result):
-        console.print(line)
-    for block in result["blocks"]:
-        table = Table(title=block_title(result, block))
-        for col in COLUMNS:
-            table.add_column(col, justify="right")
-        for cells in table_rows(result, block):
-            table.add_row(*cells)
-        console.print(table)
-        console.print(block_footer(block))
-
-
-def markdown(result: dict) -> str:
-    lines = [f"- {line}" for line in header_lines(result)]
-    for block in result["blocks"]:
-        lines += ["", f"**{block_title(result, block)}**", "",
-                  "| " + " | ".join(COLUMNS) + " |",
-                  "|" + "|".join("---:" for _ in COLUMNS) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result, block)]
-        lines += ["", block_footer(block)]
-    return "\n".join(lines) + "\n"
+REPORT = Report(COLUMNS, header_lines, block_title, table_rows, block_footer)
+print_tables = REPORT.print
+markdown = REPORT.markdown
 
 
 def main(argv: list[str] | None = None) -> None:

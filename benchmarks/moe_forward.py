@@ -601,32 +601,46 @@ def header_lines(result: dict) -> list[str]:
             "% of floor = floor / time; ratios are time / time"]
 
 
-def print_tables(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@dataclass(frozen=True)
+class Report:
+    """How one benchmark turns its result into tables (shared by moe_forward and jax_forward)."""
 
-    console = Console(width=240)
-    for line in header_lines(result):
-        console.print(line)
-    for block in result["blocks"]:
-        table = Table(title=block_title(result, block))
-        for col in COLUMNS:
-            table.add_column(col, justify="right")
-        for cells in table_rows(result, block):
-            table.add_row(*cells)
-        console.print(table)
-        console.print(block_footer(block))
+    columns: Sequence[str]
+    header: Callable[[dict], list[str]]
+    title: Callable[[dict, dict], str]
+    rows: Callable[[dict, dict], list[list[str]]]
+    footer: Callable[[dict], str]
+
+    def print(self, result: dict) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console(width=240)
+        for line in self.header(result):
+            console.print(line)
+        for block in result["blocks"]:
+            table = Table(title=self.title(result, block))
+            for col in self.columns:
+                table.add_column(col, justify="right")
+            for cells in self.rows(result, block):
+                table.add_row(*cells)
+            console.print(table)
+            console.print(self.footer(block))
+
+    def markdown(self, result: dict) -> str:
+        lines = [f"- {line}" for line in self.header(result)]
+        for block in result["blocks"]:
+            lines += ["", f"**{self.title(result, block)}**", "",
+                      "| " + " | ".join(self.columns) + " |",
+                      "|" + "|".join("---:" for _ in self.columns) + "|"]
+            lines += ["| " + " | ".join(cells) + " |" for cells in self.rows(result, block)]
+            lines += ["", self.footer(block)]
+        return "\n".join(lines) + "\n"
 
 
-def markdown(result: dict) -> str:
-    lines = [f"- {line}" for line in header_lines(result)]
-    for block in result["blocks"]:
-        lines += ["", f"**{block_title(result, block)}**", "",
-                  "| " + " | ".join(COLUMNS) + " |",
-                  "|" + "|".join("---:" for _ in COLUMNS) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result, block)]
-        lines += ["", block_footer(block)]
-    return "\n".join(lines) + "\n"
+REPORT = Report(COLUMNS, header_lines, block_title, table_rows, block_footer)
+print_tables = REPORT.print
+markdown = REPORT.markdown
 
 
 def main(argv: list[str] | None = None) -> None:
