@@ -38,3 +38,30 @@ def tiny(tmp_path):
     tensors = make_tensors(layers)
     path = seif.save(tmp_path / "tiny.seif", tensors, layers, max_shard_bytes=16 * 1024)
     return path, layers, tensors
+
+
+def build_tiny_hf(model_type: str, path, config_kwargs: dict, *, seed: int = 0, dtype=None,
+                  auto: str = "AutoModelForCausalLM", **save_kwargs):
+    """A tiny random transformers model of `model_type`, saved to `path` (no download).
+
+    Weights are re-drawn at a larger scale than the default init so routing is decided by clear
+    margins, and selection biases (DeepSeek's e_score_correction_bias, LFM2's expert_bias, zeros
+    at init) are random so they matter. torch and transformers are imported here, not by the
+    conftest, so torch-free test runs are unaffected.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(model_type, **config_kwargs)
+    model = getattr(transformers, auto).from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                b.normal_(0.0, 0.1)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, **save_kwargs)
+    return model

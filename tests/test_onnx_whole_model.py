@@ -23,6 +23,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from conftest import build_tiny_hf  # noqa: E402
 from seif.converters import onnx_torch  # noqa: E402
 from seif.converters import torch as seif_torch  # noqa: E402
 from seif.runtime import Session  # noqa: E402
@@ -62,18 +63,7 @@ HAS_LIBRARY = library_path() is not None
 def build(model_type: str, path: Path, **overrides):
     """A tiny random causal LM, weights re-drawn at a larger scale (clear routing margins) and
     DeepSeek's selection bias random; saved to `path`."""
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        model_type, **{**COMMON, **FAMILIES[model_type][0], **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    model.save_pretrained(path)
-    return model
+    return build_tiny_hf(model_type, path, {**COMMON, **FAMILIES[model_type][0], **overrides})
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import build_tiny_hf  # noqa: E402
 from seif.converters import torch as st  # noqa: E402
 
 import seif  # noqa: E402
@@ -268,7 +269,7 @@ COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_ke
 
 @pytest.mark.parametrize("model_type", sorted(transformers_cases))
 def test_replace_moe_blocks(model_type, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from seif.converters.transformers import FAMILIES
 
     import seif.convert
@@ -276,17 +277,7 @@ def test_replace_moe_blocks(model_type, tmp_path):
     if model_type not in FAMILIES:
         pytest.skip(f"{model_type} is not in the transformers converter's table")
 
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        model_type, **{**COMMON, **transformers_cases[model_type]})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    model.save_pretrained(tmp_path / "hf")
+    model = build_tiny_hf(model_type, tmp_path / "hf", {**COMMON, **transformers_cases[model_type]})
     out = seif.convert.convert(tmp_path / "hf", tmp_path / "m.seif")
     ids = torch.randint(0, COMMON["vocab_size"], (2, 12), generator=torch.Generator()
                         .manual_seed(1))

@@ -17,6 +17,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
+from conftest import build_tiny_hf  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import seif  # noqa: E402
@@ -161,20 +162,10 @@ def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0,
     """A tiny random model of `model_type`, saved to `path`. Weights are re-drawn with a larger
     scale than the default init so routing is decided by clear margins, and DeepSeek's
     e_score_correction_bias (zeros at init) is random so the selection bias matters."""
-    torch.manual_seed(seed)
-    kwargs = {**FAMILY_CONFIGS[model_type][0], **(config_kwargs or {})}
-    config = transformers.AutoConfig.for_model(model_type.split("-")[0], **{**COMMON, **kwargs})
-    auto = getattr(transformers, options(model_type).get("auto", "AutoModelForCausalLM"))
-    model = auto.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        for name, b in [*model.named_buffers(), *model.named_parameters()]:
-            if name.endswith(("e_score_correction_bias", "expert_bias")):
-                b.normal_(0.0, 0.1)
-    model = model.to(dtype)
-    model.save_pretrained(path, **save_kwargs)
-    return model
+    kwargs = {**COMMON, **FAMILY_CONFIGS[model_type][0], **(config_kwargs or {})}
+    return build_tiny_hf(model_type.split("-")[0], path, kwargs, seed=seed, dtype=dtype,
+                         auto=options(model_type).get("auto", "AutoModelForCausalLM"),
+                         **save_kwargs)
 
 
 def decoder_layers(model, model_type: str):

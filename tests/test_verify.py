@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import build_tiny_hf
 
 import seif
 from seif.manifest import FFNSpec, LayerSpec, RoutingSpec
@@ -31,18 +32,9 @@ CONFIGS = {
 
 
 def build_hf(model_type: str, path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **CONFIGS[model_type]})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    model.save_pretrained(path)
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    build_tiny_hf(model_type, path, {**COMMON, **CONFIGS[model_type]})
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
