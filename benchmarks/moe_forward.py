@@ -425,7 +425,7 @@ def _tokens(rng: np.random.Generator, T: int, H: int) -> np.ndarray:
 
 def bench_block(shape: Shape, module, dtype_name: str, tokens: Sequence[int],
                 library: Path | None, target_s: float, min_reps: int,
-                check_tokens: int, flush: Flush) -> dict:
+                check_tokens: int, flush: Flush, selected: Sequence[str] = IMPLS) -> dict:
     """Every implementation at every T for one layer and dtype; `module` is the SparseMoE in
     that dtype (its tensors back every other implementation). Per T, the implementations run
     one after another (warm-up, then repeats), so they see the same machine state."""
@@ -462,10 +462,15 @@ def bench_block(shape: Shape, module, dtype_name: str, tokens: Sequence[int],
     ref = _as_numpy(impls[0].fn(xc))
     block["rel_err"] = {i.name: float(np.linalg.norm(_as_numpy(i.fn(xc)) - ref)
                                       / np.linalg.norm(ref)) for i in impls[1:]}
+    for impl in impls:
+        if impl.name not in selected:
+            skipped[impl.name] = "not selected (--impls)"
     for T in tokens:
         x = _tokens(rng, T, shape.hidden)
         row = {"T": T, "touched": _touched(module, x), "times": {}, "reps": {}, "best": {}}
         for impl in impls:
+            if impl.name not in selected:
+                continue
             if impl.name == "ORT function" and T > FUNCTION_BODY_MAX_T:
                 continue
             seconds, reps, best = time_call(lambda impl=impl, x=x: impl.fn(x), target_s,
@@ -492,7 +497,7 @@ def _hardware(dtypes: Sequence[str], bw_bytes: int, peak_n: int) -> dict:
 def run(shapes: Sequence[Shape] = SHAPES, tokens: Sequence[int] = TOKENS,
         dtypes: Sequence[str] = ("fp32", "bf16"), *, target_s: float = 1.0, min_reps: int = 2,
         bw_bytes: int = 1 << 30, peak_n: int = 4096, library: Path | None | str = "auto",
-        check_tokens: int = 16, flush_bytes: int = 1 << 30,
+        check_tokens: int = 16, flush_bytes: int = 1 << 30, impls: Sequence[str] = IMPLS,
         progress: Callable[[str], None] | None = None) -> dict:
     """The whole benchmark; returns raw results (times, touched experts, hardware readings).
     Bandwidth and matmul peak are read before every block and at the end; the floor uses the
@@ -527,7 +532,8 @@ def run(shapes: Sequence[Shape] = SHAPES, tokens: Sequence[int] = TOKENS,
             result["hardware"].append(_hardware(dtypes, bw_bytes, peak_n))
             say(f"{shape.describe()} {dtype_name} (load {load():.2f})")
             result["blocks"].append(bench_block(shape, module, dtype_name, tokens, library,
-                                                target_s, min_reps, check_tokens, flush))
+                                                target_s, min_reps, check_tokens, flush,
+                                                impls))
             del module
     result["hardware"].append(_hardware(dtypes, bw_bytes, peak_n))
     result["bandwidth"] = max(h["bandwidth"] for h in result["hardware"])
@@ -653,6 +659,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", nargs="+", choices=[s.name for s in SHAPES])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--tokens", nargs="+", type=int, help=f"default {TOKENS}")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                        help="time only these (SEIF torch is still built: it is the reference "
+                             "of the agreement check)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--markdown", type=Path, help="also write Markdown tables here")
     args = parser.parse_args(argv)
@@ -660,7 +669,8 @@ def main(argv: list[str] | None = None) -> None:
     kwargs: dict = dict(tokens=QUICK_TOKENS, target_s=0.3) if args.quick else {}
     if args.tokens:
         kwargs["tokens"] = tuple(args.tokens)
-    result = run(shapes, dtypes=args.dtypes, progress=lambda s: print(s, flush=True), **kwargs)
+    result = run(shapes, dtypes=args.dtypes, impls=args.impls,
+                 progress=lambda s: print(s, flush=True), **kwargs)
     print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
