@@ -30,7 +30,7 @@ import os
 import secrets
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ __all__ = ["FAMILIES", "REFUSED", "Family", "export", "from_seif", "load", "regi
            "supported_families", "to_seif"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Manifest metadata key: JSON list of the stacked source tensors stored `[E, in, out]` by a
+# `Stacked(transposed="auto")` rule (the others are `[E, out, in]`).
+METADATA_TRANSPOSED = "transformers.transposed_sources"
 SAFETENSORS_SINGLE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3   # what save_pretrained uses (5GB)
 COPY_CHUNK = 64 * 1024 * 1024           # bounded memory when copying a large tensor
@@ -274,6 +277,36 @@ def _qwen_sparse_layer(cfg: Any, layer: int) -> bool:
         and (layer + 1) % cfg.decoder_sparse_step == 0
 
 
+def _sparse_by_type(cfg: Any, layer: int) -> bool:
+    """Decoder layers built from `mlp_layer_types` (DeepSeek-V3.2, GLM-MoE-DSA, EXAONE-MoE,
+    MiMo-V2-Flash, Kimi-Linear, Bailing-hybrid, A.X-K2, Mellum): MoE iff "sparse"."""
+    return cfg.mlp_layer_types[layer] == "sparse"
+
+
+def _axk2_routing(cfg: Any) -> RoutingSpec:
+    """AXK2TopkRouter: DeepSeek-V3's (sigmoid, selection bias, +1e-20 renormalization if
+    norm_topk_prob, routed scaling), except that dropped groups are masked to 0.0, not -inf,
+    and that without `n_group` (A.X-K2-Light) there is no group stage at all."""
+    norm = bool(cfg.norm_topk_prob)
+    common = dict(top_k=int(cfg.num_experts_per_tok), scoring="sigmoid", selection_bias=True,
+                  normalize="sum" if norm else "none", epsilon=1e-20 if norm else 0.0,
+                  epsilon_rule="add", scale=float(cfg.routed_scaling_factor),
+                  training=_training(cfg))
+    if cfg.n_group is None:
+        return RoutingSpec(kind="topk", **common)
+    return RoutingSpec(kind="group_topk", n_group=int(cfg.n_group),
+                       topk_group=int(cfg.topk_group), group_score="top2_sum",
+                       group_mask="zero", **common)
+
+
+def _flint_routing(cfg: Any) -> RoutingSpec:
+    """FlintTopKRouter: fp32 logits, sigmoid, top-k of the sigmoid (no selection bias, no
+    groups), divided by their plain sum (no epsilon) when norm_topk_prob; no scaling."""
+    norm = bool(cfg.norm_topk_prob)
+    return RoutingSpec(kind="topk", top_k=int(cfg.num_experts_per_tok), scoring="sigmoid",
+                       normalize="sum" if norm else "none", training=_training(cfg))
+
+
 _GATE_UP_DOWN = {"gate": "experts.{e}.gate_proj", "up": "experts.{e}.up_proj",
                  "down": "experts.{e}.down_proj"}
 _SHARED_GATE_UP_DOWN = {"gate": "{p}.gate_proj", "up": "{p}.up_proj", "down": "{p}.down_proj"}
@@ -287,7 +320,9 @@ class Stacked:
     The rule is a pure permutation of elements, so both directions are bit exact:
 
     * the source is `[E, out, in]` (weights) or `[E, out]` (biases); `transposed` means
-      `[E, in, out]` (the expert computes `x @ W`: gpt-oss, Llama 4, DBRX's w2);
+      `[E, in, out]` (the expert computes `x @ W`: gpt-oss, Llama 4, DBRX's w2); "auto" is
+      decided per tensor from its stored shape, and the tensors found transposed are listed in
+      the manifest's metadata (`METADATA_TRANSPOSED`) so the way back writes them the same way;
     * `flat`: the expert axis is folded into the first one, `[E * out, in]` (DBRX);
     * `per_expert=False`: no expert axis at all, the tensor of one module (GraniteMoeShared's
       shared MLP); its pieces are shared expert 0's;
@@ -304,7 +339,10 @@ class Stacked:
     suffix: str                   # under the block (shared: under the shared prefix)
     projs: tuple[str, ...]        # SEIF projections held, in storage order
     part: str = "weight"          # "weight" | "bias" | "weight_scale" (a quantization companion)
-    transposed: bool = False
+    # True / False, or "auto": as transformers' `Transpose(check_dims=True)` loads it, `[E, out,
+    # in]` when the stored shape is that (square: always), else `[E, in, out]` (Qwen3-VL-MoE:
+    # published checkpoints are `[E, in, out]`, save_pretrained writes `[E, out, in]`).
+    transposed: bool | str = False
     split: str = "concat"         # "concat" | "interleave"
     flat: bool = False
     per_expert: bool = True
@@ -357,6 +395,10 @@ class Family:
     # checkpoint quantized that way (gpt-oss: "mxfp4"). FP8 block quantization ("fp8") of
     # plainly stored tensors needs no entry: every family with per-expert tensors takes it.
     quantized: dict[str, tuple[Stacked, ...]] = field(default_factory=dict)
+    # Multimodal wrappers: the attribute of the checkpoint's config holding the text decoder's
+    # config (e.g. "text_config"); every callable above then receives that config. Tensors
+    # outside the text decoder's MoE blocks (vision tower, projector) pass through as dense.
+    sub_config: str | None = None
 
 
 _DEEPSEEK_V3 = Family(
@@ -486,6 +528,113 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     _like_deepseek_v3("solar_open", "as deepseek_v3; every layer MoE",
                       is_moe_layer=lambda c, layer: True),
     _like_deepseek_v3("dots1", "as deepseek_v3"),
+    # Their TopkRouter / Experts / MoE classes are DeepSeek-V3's verbatim (the router reads
+    # config.num_local_experts, an attribute-map alias); layers MoE per mlp_layer_types.
+    *(_like_deepseek_v3(t, "as deepseek_v3; MoE where mlp_layer_types[l] == 'sparse'",
+                        num_experts=lambda c: c.num_local_experts,
+                        is_moe_layer=_sparse_by_type)
+      for t in ("deepseek_v32", "glm_moe_dsa")),
+    _like_deepseek_v3("kimi_linear", "as deepseek_v3, published with Mixtral names "
+                      "(block_sparse_moe, experts w1/w3/w2); MoE where mlp_layer_types[l] == "
+                      "'sparse'",
+                      block="model.layers.{l}.block_sparse_moe",
+                      experts={"gate": "experts.{e}.w1", "up": "experts.{e}.w3",
+                               "down": "experts.{e}.w2"},
+                      num_experts=lambda c: c.num_local_experts, is_moe_layer=_sparse_by_type),
+    _like_deepseek_v3("bailing_hybrid", "as deepseek_v3 (selection bias published as "
+                      "gate.expert_bias); MoE where mlp_layer_types[l] == 'sparse'; MTP layers "
+                      "(layers.{num_hidden_layers}+, which transformers ignores) pass through "
+                      "as dense tensors",
+                      selection_bias="gate.expert_bias",
+                      num_experts=lambda c: c.num_local_experts, is_moe_layer=_sparse_by_type),
+    _like_deepseek_v3("exaone_moe", "as deepseek_v3 (num_experts, num_shared_experts; the "
+                      "selection bias on disk at mlp.e_score_correction_bias); MoE where "
+                      "mlp_layer_types[l] == 'sparse'",
+                      num_experts=lambda c: c.num_experts, is_moe_layer=_sparse_by_type,
+                      selection_bias="e_score_correction_bias",   # published, block level
+                      shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size
+                                                   * c.num_shared_experts, _activation(c))),
+    _like_deepseek_v3("mimo_v2_flash", "as deepseek_v3 without shared experts; MoE where "
+                      "mlp_layer_types[l] == 'sparse'",
+                      num_experts=lambda c: c.num_local_experts, is_moe_layer=_sparse_by_type,
+                      shared_module=None, shared_ffn=None),
+    _like_deepseek_v3("axk2", "sigmoid, selection bias, group-limited top-k with dropped groups "
+                      "masked to 0 (no groups when n_group is null), +1e-20 renormalization, "
+                      "routed scaling; shared experts; MoE where mlp_layer_types[l] == 'sparse' "
+                      "(the gated RMSNorms around it are dense)",
+                      num_experts=lambda c: c.num_local_experts, is_moe_layer=_sparse_by_type,
+                      routing=_axk2_routing),
+    # Multimodal wrappers: the text decoder's MoE blocks, the rest dense.
+    _like_deepseek_v3("glm4v_moe", "as glm4_moe, in the text decoder "
+                      "(model.language_model); vision tower dense",
+                      block="model.language_model.layers.{l}.mlp", sub_config="text_config",
+                      automodel="AutoModelForImageTextToText"),
+    Family(
+        model_type="qwen3_vl_moe",
+        block="model.language_model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=lambda c: _softmax_topk(c, renormalize=True),
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=_qwen_sparse_layer,
+        stacked=(Stacked("experts.gate_up_proj", ("gate", "up"), transposed="auto"),
+                 Stacked("experts.down_proj", ("down",), transposed="auto")),
+        sub_config="text_config",
+        automodel="AutoModelForImageTextToText",
+        notes="text decoder (model.language_model): softmax, top-k, always renormalized; "
+              "decoder_sparse_step, mlp_only_layers; experts stacked, published [E, H, 2I] / "
+              "[E, I, H] or as save_pretrained writes them [E, 2I, H] / [E, H, I] (gate "
+              "then up), told apart by shape as transformers does; vision tower dense",
+    ),
+    Family(
+        model_type="qwen3_5_moe",
+        block="model.language_model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=lambda c: _softmax_topk(c, renormalize=True),
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        shared_module="shared_expert",
+        shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+        shared_gate="shared_expert_gate.weight",
+        sub_config="text_config",
+        automodel="AutoModelForImageTextToText",
+        notes="text decoder (model.language_model), every layer MoE: softmax, top-k, always "
+              "renormalized; shared expert x sigmoid(shared gate); vision tower dense",
+    ),
+    # Qwen-style routers in text models.
+    Family(
+        model_type="mellum",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_softmax_topk,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=_sparse_by_type,
+        notes="as qwen3_moe; MoE where mlp_layer_types[l] == 'sparse'",
+    ),
+    Family(
+        model_type="lara_mini",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_softmax_topk,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        stacked=(Stacked("experts.gate_up_proj", ("gate", "up")),
+                 Stacked("experts.down_proj", ("down",))),
+        shared_module="shared_expert",
+        shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+        notes="fp32 router, softmax, top-k, norm_topk_prob; an ungated shared expert; every "
+              "layer MoE; experts stacked on disk as in memory ([E, 2I, H], gate rows then "
+              "up; [E, H, I])",
+    ),
+    Family(
+        model_type="flint",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_flint_routing,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=_qwen_sparse_layer,
+        shared_module="shared_expert",
+        shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+        notes="fp32 router, sigmoid, top-k (no bias, no groups), plain-sum renormalization if "
+              "norm_topk_prob; an ungated shared expert; decoder_sparse_step, mlp_only_layers",
+    ),
     Family(
         model_type="deepseek_v2",
         block="model.layers.{l}.mlp",
@@ -641,6 +790,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
               "ungated wi/wo experts",
     ),
 )}
+
+
+FAMILIES["llama4"] = dataclasses.replace(
+    FAMILIES["llama4_text"], model_type="llama4",
+    block="language_model.model.layers.{l}.feed_forward", sub_config="text_config",
+    automodel="AutoModelForImageTextToText",
+    notes="as llama4_text, in the text decoder (language_model.model); vision model and "
+          "projector dense")
 
 
 # MoE families of the installed transformers that are refused on purpose, and why (read off the
@@ -837,11 +994,13 @@ def _join_slab(rule: Stacked, parts: list[np.ndarray], shapes) -> np.ndarray:
 
 
 def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
-                rules: tuple[Stacked, ...] | None = None
+                rules: tuple[Stacked, ...] | None = None,
+                transposed: Collection[str] = frozenset()
                 ) -> tuple[dict[str, str], list[_Split]]:
     """Source name -> canonical name for a layer's plainly stored tensors, and its stacked
-    source tensors (`rules`: the family's stacked rules, or those of its quantized layout).
-    Used both ways, so the rule that split a tensor is the one that re-stacks it."""
+    source tensors (`rules`: the family's stacked rules, or those of its quantized layout;
+    `transposed`: the sources an "auto" rule finds stored `[E, in, out]`). Used both ways, so
+    the rule that split a tensor is the one that re-stacks it."""
     rules = family.stacked if rules is None else rules
     if layer.source_prefix is None and callable(family.block) and cfg is None:
         raise ConversionError(f"layer {li} has no source_prefix; cannot place its tensors in "
@@ -864,6 +1023,7 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
                     src = f"{block}.{family.experts[proj].format(e=e)}.{part}"
                     mapping[src] = layer.expert_name(e, proj, part)
     for rule in rules:
+        rule = _resolve(rule, f"{block}.{rule.suffix}", transposed)
         shapes = _piece_shapes(ffn, layer.hidden_size, rule)
         splits.append(_Split(
             f"{block}.{rule.suffix}", rule,
@@ -882,6 +1042,7 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
                     src = f"{family.shared[proj].format(p=prefix)}.{part}"
                     mapping[src] = layer.shared_name(0, proj, part)
         for rule in family.shared_stacked:
+            rule = _resolve(rule, f"{prefix}.{rule.suffix}", transposed)
             shapes = _piece_shapes(shared.ffn, layer.hidden_size, rule)
             splits.append(_Split(
                 f"{prefix}.{rule.suffix}", rule,
@@ -891,6 +1052,32 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
         if shared.gate:
             mapping[f"{block}.{family.shared_gate}"] = layer.shared_gate_name()
     return mapping, splits
+
+
+def _resolve(rule: Stacked, source: str, transposed: Collection[str]) -> Stacked:
+    """The rule with an "auto" orientation decided: transposed iff `source` is listed."""
+    if rule.transposed != "auto":
+        return rule
+    return dataclasses.replace(rule, transposed=source in transposed)
+
+
+def _auto_transposed(family: Family, cfg: Any, li: int, layer: LayerSpec,
+                     rules: tuple[Stacked, ...], sources: dict[str, _Source]) -> set[str]:
+    """The sources of the layer's "auto" rules stored `[E, in, out]`: as transformers'
+    `Transpose(check_dims=True)` decides, a tensor whose shape is the in-memory `[E, out, in]`
+    is taken as it is (a square one too), any other shape as transposed (checked later)."""
+    found: set[str] = set()
+    block = _block(family, cfg, li)
+    for rule in rules:
+        if rule.transposed != "auto":
+            continue
+        src = f"{block}.{rule.suffix}"
+        plain = dataclasses.replace(rule, transposed=False)
+        shape = _stacked_shape(plain, layer.num_experts,
+                               _piece_shapes(layer.experts, layer.hidden_size, plain))
+        if src in sources and sources[src].shape != shape:
+            found.add(src)
+    return found
 
 
 def _block(family: Family, cfg: Any, li: int) -> str:
@@ -1006,17 +1193,21 @@ def _fp8_companions(mapping: dict[str, str], sources: dict[str, _Source], block,
 def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path,
                quant: _Quant = _Quant()
                ) -> tuple[list[LayerSpec], dict[str, str], dict[str, _Split],
-                          dict[str, Quantization]]:
+                          dict[str, Quantization], set[str]]:
     """The MoE layer descriptors, source name -> canonical name for their plainly stored
-    tensors, source name -> split rule for their stacked ones, and canonical name ->
-    quantization descriptor of the plainly stored quantized ones (fp8)."""
+    tensors, source name -> split rule for their stacked ones, canonical name ->
+    quantization descriptor of the plainly stored quantized ones (fp8), and the stacked
+    sources an "auto" rule found stored transposed."""
     if family.check is not None:
         family.check(cfg)
+    if family.sub_config is not None:
+        cfg = getattr(cfg, family.sub_config)
     rules = family.quantized.get(quant.method, family.stacked)
     layers: list[LayerSpec] = []
     rename: dict[str, str] = {}
     splits: dict[str, _Split] = {}
     quants: dict[str, Quantization] = {}
+    transposed: set[str] = set()
     n_layers = int(family.n_layers(cfg) if family.n_layers else cfg.num_hidden_layers)
     for li in range(n_layers):
         block = _block(family, cfg, li)
@@ -1033,7 +1224,9 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
         except SeifError as exc:
             raise ConversionError(f"config gives an invalid routing for layer {li}: "
                                   f"{exc.one_line()}", path=str(root)) from None
-        mapping, layer_splits = _layer_plan(family, cfg, li, E, layer, rules)
+        auto = _auto_transposed(family, cfg, li, layer, rules, sources)
+        transposed |= auto
+        mapping, layer_splits = _layer_plan(family, cfg, li, E, layer, rules, auto)
         if quant.method == "fp8":
             quants.update(_fp8_companions(mapping, sources, quant.block, li))
         wanted = list(mapping) + [sp.source for sp in layer_splits]
@@ -1065,7 +1258,7 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
                                       f"expected {list(want)}", path=str(root), field=src)
         layers.append(layer)
         rename.update(mapping)
-    return layers, rename, splits, quants
+    return layers, rename, splits, quants, transposed
 
 
 def _target_dtype(dtype: str | None) -> str | None:
@@ -1134,7 +1327,7 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
 
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(str(root))
-    layers, rename, splits, quants = _layer_map(family, cfg, sources, root, quant)
+    layers, rename, splits, quants, transposed = _layer_map(family, cfg, sources, root, quant)
     reshaped = {}          # canonical name -> SEIF shape, where it only drops unit dims
     if family.selection_bias_lead:
         reshaped = {layer.router_name("selection_bias"): (layer.num_experts,)
@@ -1186,6 +1379,8 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     total = sum(spec.nbytes for spec in specs)
     with byte_progress(total, "converting", show_progress) as advance:
         extra = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+        if transposed:
+            extra["metadata"] = {METADATA_TRANSPOSED: json.dumps(sorted(transposed))}
         writer = CheckpointWriter(dst, layers, model=model, overwrite=overwrite,
                                   progress=advance, resume=resume, keep_partial=keep_partial,
                                   **extra)
@@ -1304,9 +1499,10 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
         # Stacked source tensors are rebuilt from their pieces with the family's rule.
         piece_of: dict[str, _Split] = {}
         reshape: dict[str, list[int]] = {}
+        transposed = _metadata_transposed(m, str(src))
         for layer in m.layers:
             _, layer_splits = _layer_plan(fam, None, layer.index, layer.num_experts, layer,
-                                          _stored_rules(fam, m, layer))
+                                          _stored_rules(fam, m, layer), transposed)
             for sp in layer_splits:
                 for row in sp.pieces:
                     for n in row:
@@ -1412,6 +1608,21 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _metadata_transposed(m, where: str) -> set[str]:
+    """The sources recorded as stored `[E, in, out]` by an "auto" stacked rule."""
+    text = m.metadata.get(METADATA_TRANSPOSED)
+    if text is None:
+        return set()
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConversionError(f"metadata {METADATA_TRANSPOSED!r} is not a JSON list of tensor "
+                              "names", path=where)
+    return set(names)
 
 
 def _stored_rules(family: Family, m, layer: LayerSpec) -> tuple[Stacked, ...]:

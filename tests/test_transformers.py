@@ -130,6 +130,81 @@ FAMILY_CONFIGS.update({
                            qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4), "mlp"),
     "solar_open": (dict(_DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=False), "mlp"),
 })
+_MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, head_dim=8, num_key_value_heads=4)
+_DSA = dict(_MLA, index_topk=4, index_head_dim=8, index_n_heads=2)
+_SPARSE_FROM_1 = dict(mlp_layer_types=["dense", "sparse", "sparse"])
+FAMILY_CONFIGS.update({
+    # DeepSeek-V3 routers (class sources identical but for names).
+    "deepseek_v32": (dict(_DEEPSEEK_LIKE, **_DSA, **_SPARSE_FROM_1), "mlp"),
+    "glm_moe_dsa": (dict(_DEEPSEEK_LIKE, **_DSA, **_SPARSE_FROM_1, norm_topk_prob=False),
+                    "mlp"),
+    "kimi_linear": (dict(_DEEPSEEK_LIKE, **_MLA, **_SPARSE_FROM_1, num_local_experts=8,
+                         layer_types=["linear_attention", "full_attention",
+                                      "linear_attention"],
+                         linear_attn_config={"head_dim": 8, "num_heads": 2,
+                                             "short_conv_kernel_size": 4}), "mlp"),
+    "bailing_hybrid": (dict(_DEEPSEEK_LIKE, **_MLA, **_SPARSE_FROM_1, num_local_experts=8,
+                            num_mtp_layers=0, layer_group_size=2), "mlp"),
+    "exaone_moe": (dict(_DEEPSEEK_LIKE, **_SPARSE_FROM_1, num_experts=8, num_shared_experts=2,
+                        head_dim=8), "mlp"),
+    "mimo_v2_flash": (dict(_DEEPSEEK_LIKE, **_SPARSE_FROM_1, head_dim=8, v_head_dim=8), "mlp"),
+    # Groups masked to 0 ...
+    "axk2": (dict(_DEEPSEEK_LIKE, **_DSA, **_SPARSE_FROM_1, gated_norm_rank=4), "mlp"),
+    # Qwen-style routers.
+    "mellum": (dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                    num_experts_per_tok=2, head_dim=8, **_SPARSE_FROM_1), "mlp"),
+    "lara_mini": (dict(moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                       num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, head_dim=8,
+                       linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                       linear_num_value_heads=2), "mlp"),
+    "flint": (dict(intermediate_size=48, moe_intermediate_size=16,
+                   shared_expert_intermediate_size=24, num_experts=6, num_experts_per_tok=3,
+                   head_dim=8, mlp_only_layers=[0]), "mlp"),
+})
+# ... and without groups (A.X-K2-Light).
+FAMILY_CONFIGS["axk2-nogroup"] = ({**FAMILY_CONFIGS["axk2"][0], "n_group": None,
+                                   "topk_group": None}, "mlp")
+# Multimodal wrappers: the first element is the text config; "vision" the vision config.
+_VL_LAYERS = {"auto": "AutoModelForImageTextToText",
+              "layers": lambda m: m.model.language_model.layers}
+FAMILY_CONFIGS.update({
+    "qwen3_vl_moe": (dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                          num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1,
+                          mlp_only_layers=[0]), "mlp",
+                     {**_VL_LAYERS, "vision": dict(depth=1, hidden_size=16, intermediate_size=16,
+                                                   num_heads=2, out_hidden_size=32,
+                                                   deepstack_visual_indexes=[0])}),
+    "qwen3_5_moe": (dict(moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                         num_experts=6, num_experts_per_tok=2, head_dim=8,
+                         linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                         linear_num_value_heads=2,
+                         layer_types=["linear_attention", "full_attention", "full_attention"]),
+                    "mlp", {**_VL_LAYERS, "vision": dict(depth=1, hidden_size=16,
+                                                         intermediate_size=16, num_heads=2,
+                                                         out_hidden_size=32)}),
+    "glm4v_moe": (dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                       num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                       first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                       head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                     "mrope_section": [2, 1, 1]}), "mlp",
+                  {**_VL_LAYERS, "vision": dict(depth=1, hidden_size=16, intermediate_size=16,
+                                                num_heads=2, out_hidden_size=32)}),
+    "llama4": (dict(intermediate_size=16, intermediate_size_mlp=48, num_local_experts=6,
+                    num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=2),
+               "feed_forward",
+               {"auto": "AutoModelForImageTextToText",
+                "layers": lambda m: m.language_model.model.layers,
+                # Llama4ForConditionalGeneration.forward fails without images in the installed
+                # transformers (it reads outputs.image_outputs from the text model's output):
+                # logits come from its text model (the vision tower is compared by weights).
+                "logits": lambda m, ids: m.language_model(ids).logits,
+                "route": lambda b, x: _llama4_route(b, x),
+                "vision": dict(num_hidden_layers=1, hidden_size=16, intermediate_size=16,
+                               num_attention_heads=2, vision_output_dim=16,
+                               projector_input_dim=16, projector_output_dim=16, image_size=28,
+                               patch_size=14)}),
+})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -163,6 +238,9 @@ def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0,
     scale than the default init so routing is decided by clear margins, and DeepSeek's
     e_score_correction_bias (zeros at init) is random so the selection bias matters."""
     kwargs = {**COMMON, **FAMILY_CONFIGS[model_type][0], **(config_kwargs or {})}
+    vision = options(model_type).get("vision")
+    if vision is not None:              # a multimodal wrapper: kwargs are its text decoder's
+        kwargs = {"text_config": kwargs, "vision_config": vision}
     return build_tiny_hf(model_type.split("-")[0], path, kwargs, seed=seed, dtype=dtype,
                          auto=options(model_type).get("auto", "AutoModelForCausalLM"),
                          **save_kwargs)
@@ -270,12 +348,18 @@ def test_round_trip_is_byte_identical(converted):
     ids = torch.randint(0, COMMON["vocab_size"], (2, 12), generator=gen)
     auto = getattr(transformers, options(model_type).get("auto", "AutoModelForCausalLM"))
     kw = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    logits = options(model_type).get("logits", lambda m, ids: m(ids, **kw).logits)
     with torch.no_grad():
         m1 = auto.from_pretrained(root / "hf").eval()
         m2 = auto.from_pretrained(back).eval()
-        l0, l1, l2 = model(ids, **kw).logits, m1(ids, **kw).logits, m2(ids, **kw).logits
+        l0, l1, l2 = logits(model, ids), logits(m1, ids), logits(m2, ids)
     assert torch.equal(l1, l2)
     assert torch.equal(l0, l2)
+    # Every loaded weight (vision towers of multimodal wrappers included) is bitwise the same.
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
 
 
 def test_dtype_casts_all_but_routers(converted):
