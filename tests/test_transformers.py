@@ -725,3 +725,79 @@ def test_export_and_load_helpers(tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
     with pytest.raises(ConversionError, match="expected a transformers model"):
         export(object(), tmp_path / "x.seif")
+
+
+# --------------------------------------------------------------------------- family specifics
+def _assert_layers_match(model, model_type: str, out: Path) -> None:
+    """Every MoE layer of the SEIF checkpoint `out` against transformers' block in `model`:
+    output within 1e-5, the same expert sets."""
+    ckpt = seif.open(out)
+    rng = np.random.default_rng(1)
+    for layer in ckpt.layers:
+        x = rng.standard_normal((T, layer.hidden_size)).astype(np.float32)
+        params = ckpt.moe_params(layer.index)
+        err = float(np.max(np.abs(moe_forward(x, layer, params)
+                                  - hf_moe_output(model, model_type, layer.index, x))))
+        assert err <= 1e-5, f"{model_type} layer {layer.index}: max abs err {err}"
+        _, hf_idx = hf_route(model, model_type, layer.index, x)
+        res = route(router_logits(x, params.router_weight, params.router_bias), layer.routing,
+                    params.selection_bias)
+        np.testing.assert_array_equal(np.sort(hf_idx, -1), np.sort(res.indices, -1))
+
+
+def test_qwen3_vl_moe_published_expert_layout(tmp_path):
+    """Published Qwen3-VL-MoE checkpoints stack experts `[E, H, 2I]` / `[E, I, H]`;
+    save_pretrained writes `[E, 2I, H]` / `[E, H, I]`. transformers loads both (deciding by
+    shape); SEIF reads both into the same canonical tensors, and the way back writes each
+    layout as it was."""
+    dims = {"moe_intermediate_size": 24}          # H = 32 != 2I: no square ambiguity
+    model = build("qwen3_vl_moe", tmp_path / "hf", config_kwargs=dims)
+    tensors = _load_dir(tmp_path / "hf")
+    stacked = sorted(k for k in tensors if k.endswith(("experts.gate_up_proj",
+                                                       "experts.down_proj")))
+    assert len(stacked) == 4                      # MoE layers 1 and 2
+    published = {k: v.transpose(1, 2).contiguous() if k in stacked else v
+                 for k, v in tensors.items()}
+    _save_dir(tmp_path / "pub", published, json.loads((tmp_path / "hf" / "config.json")
+                                                      .read_text()))
+    again = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "pub")
+    want = model.state_dict()
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    a = seif.open(seif.convert.convert(tmp_path / "hf", tmp_path / "a.seif"))
+    b = seif.open(seif.convert.convert(tmp_path / "pub", tmp_path / "b.seif"))
+    from seif.converters.transformers import METADATA_TRANSPOSED
+    assert METADATA_TRANSPOSED not in a.manifest.metadata
+    assert json.loads(b.manifest.metadata[METADATA_TRANSPOSED]) == stacked
+    assert a.manifest.tensors.keys() == b.manifest.tensors.keys()
+    for name in a.manifest.tensors:
+        np.testing.assert_array_equal(a.tensor(name), b.tensor(name), err_msg=name)
+    _assert_layers_match(model, "qwen3_vl_moe", tmp_path / "b.seif")
+    back = seif.convert.convert(tmp_path / "b.seif", tmp_path / "back",
+                                target_format="transformers")
+    assert read_all(tmp_path / "pub") == read_all(back)
+
+
+def test_axk2_masks_dropped_groups_to_zero(tmp_path):
+    """A.X-K2 fills dropped groups with 0.0, not DeepSeek-V3's -inf. With every selection bias
+    near -2 all choice values are negative, so the 0-filled dropped group (4 experts, k = 4)
+    is exactly what gets picked: a -inf mask would pick the kept group instead."""
+    kwargs = {"n_group": 2, "topk_group": 1, "num_experts_per_tok": 4}
+    model = build("axk2", tmp_path / "hf0", config_kwargs=kwargs)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(-2.0, 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    out = seif.convert.convert(tmp_path / "hf", tmp_path / "m.seif")
+    ckpt = seif.open(out)
+    assert {layer.routing.group_mask for layer in ckpt.layers} == {"zero"}
+    _assert_layers_match(model, "axk2", out)
+    layer = ckpt.layers[0]
+    x = np.random.default_rng(1).standard_normal((T, layer.hidden_size)).astype(np.float32)
+    params = ckpt.moe_params(layer.index)
+    logits = router_logits(x, params.router_weight, None)
+    zero = route(logits, layer.routing, params.selection_bias).indices
+    import dataclasses
+    inf = route(logits, dataclasses.replace(layer.routing, group_mask="neg_inf"),
+                params.selection_bias).indices
+    assert not np.array_equal(np.sort(zero, -1), np.sort(inf, -1))
