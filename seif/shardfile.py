@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from . import dtypes
+from .checksum import Region, sorted_regions
 from .errors import FormatError, SecurityError
 from .manifest import numel
 
@@ -36,6 +37,7 @@ class ShardHeader:
     entries: dict[str, HeaderEntry]  # padding entries excluded
     data_start: int                  # absolute file offset of the data section
     metadata: dict[str, str]
+    regions: tuple[Region, ...] = ()  # every entry, padding included, in file order (§8.1)
 
 
 def is_padding(name: str) -> bool:
@@ -48,6 +50,7 @@ class ShardPlan:
     offsets: dict[str, tuple[int, int]]    # name -> relative [begin, end) in the data section
     data_start: int                        # absolute file offset of the data section
     size: int                              # total file size
+    regions: tuple[Region, ...] = ()       # every entry, padding included, in file order
 
     def absolute(self, name: str) -> tuple[int, int]:
         begin, end = self.offsets[name]
@@ -59,23 +62,26 @@ def plan_header(tensors: list[tuple[str, str, tuple[int, ...]]], alignment: int,
     """Lay out one shard file; tensors keep the given order."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     relative: dict[str, tuple[int, int]] = {}
+    regions: list[Region] = []
     cursor = 0
     for n, (name, dtype, shape) in enumerate(tensors):
         gap = (-cursor) % alignment
         if gap:
             header[f"{PAD_PREFIX}{n}__"] = {"dtype": "U8", "shape": [gap],
                                             "data_offsets": [cursor, cursor + gap]}
+            regions.append((cursor, cursor + gap, f"{PAD_PREFIX}{n}__"))
             cursor += gap
         size = numel(shape) * dtypes.itemsize(dtype)
         header[name] = {"dtype": dtype, "shape": list(shape),
                         "data_offsets": [cursor, cursor + size]}
         relative[name] = (cursor, cursor + size)
+        regions.append((cursor, cursor + size, name))
         cursor += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * ((-(8 + len(text))) % alignment)
     data_start = 8 + len(text)
     return ShardPlan(struct.pack("<Q", len(text)) + text, relative, data_start,
-                     data_start + cursor)
+                     data_start + cursor, tuple(sorted_regions(regions)))
 
 
 def read_header(fh, file_size: int, path: str) -> ShardHeader:
@@ -120,7 +126,7 @@ def read_header(fh, file_size: int, path: str) -> ShardHeader:
         spans.append((entry.begin, entry.end, name))
         if not is_padding(name):
             entries[name] = entry
-    spans.sort()
+    spans = sorted_regions(spans)
     cursor = 0
     for begin, end, name in spans:
         if begin != cursor:
@@ -131,7 +137,7 @@ def read_header(fh, file_size: int, path: str) -> ShardHeader:
     if cursor != data_size:
         raise FormatError(f"{data_size - cursor} bytes after the last tensor (extended or "
                           f"corrupt shard)", path=path)
-    return ShardHeader(entries, data_start, metadata)
+    return ShardHeader(entries, data_start, metadata, tuple(spans))
 
 
 def _entry(name: str, info: object, path: str) -> HeaderEntry:

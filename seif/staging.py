@@ -22,10 +22,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checksum import CHUNK_BYTES, digest_file_range, shard_checksum
 from .errors import ConversionError
 
 JOURNAL = ".seif-journal.jsonl"
-_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass
@@ -37,12 +37,17 @@ class JournalEntry:
     tensors: dict[str, str]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def planned_shard_checksum(path: Path, header: bytes, regions) -> str | None:
+    """The checksum (spec §8.1) of a shard file written to the plan (`header`, `regions`),
+    or None if its header is not that plan's."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+        if fh.read(len(header)) != header:
+            return None
+        buffer = memoryview(bytearray(CHUNK_BYTES))
+        start = len(header)
+        return shard_checksum(header, (
+            digest_file_range(fh.fileno(), start + begin, end - begin, buffer)
+            for begin, end, _ in regions))
 
 
 class StagingDir:
@@ -91,7 +96,7 @@ class StagingDir:
             entries[entry.file] = entry
         return entries
 
-    def reuse(self, entries: dict[str, JournalEntry], planned: dict[str, tuple[bytes, int]]
+    def reuse(self, entries: dict[str, JournalEntry], planned: dict[str, tuple[bytes, int, tuple]]
               ) -> dict[str, JournalEntry]:
         """The journalled shards that still match the plan byte for byte (verified by
         re-hashing); the journal is rewritten to hold only those."""
@@ -101,9 +106,14 @@ class StagingDir:
             path = self.path / file
             if plan is None or not path.is_file():
                 continue
-            header, size = plan
+            header, size, regions = plan
             if entry.header_sha256 != hashlib.sha256(header).hexdigest() or entry.size != size \
-                    or path.stat().st_size != size or file_sha256(path) != entry.checksum:
+                    or path.stat().st_size != size:
+                continue
+            try:
+                if planned_shard_checksum(path, header, regions) != entry.checksum:
+                    continue
+            except (OSError, EOFError):
                 continue
             kept[file] = entry
         for child in self.path.iterdir():

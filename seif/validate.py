@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .checksum import CHUNK_BYTES, as_checksum, digest_file_range, shard_checksum
 from .errors import IntegrityError
 from .reader import Checkpoint
-
-_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass
@@ -51,33 +49,24 @@ def validate(path: str | os.PathLike, deep: bool = False,
 
 def _verify_shard(ckpt: Checkpoint, file: str, checksum: str, shard,
                   progress: Callable[[int], None]) -> int:
-    """Hash the whole file and each tensor in it, reading the file once, front to back."""
-    tensors = sorted(((t.data_offsets[0], t.data_offsets[1], n, t.checksum)
-                      for n, t in ckpt.manifest.tensors.items() if t.shard == file))
-    file_hash = hashlib.sha256()
-    pos = 0
-
-    def feed(upto: int, tensor_hash=None) -> None:
-        nonlocal pos
-        while pos < upto:
-            chunk = os.pread(shard.fd, min(_CHUNK, upto - pos), pos)
-            if not chunk:
-                raise IntegrityError("unexpected end of file", path=shard.path)
-            file_hash.update(chunk)
-            if tensor_hash is not None:
-                tensor_hash.update(chunk)
-            pos += len(chunk)
-            ckpt.bytes_read += len(chunk)
-            progress(len(chunk))
-
+    """Hash each data region of the file once, front to back: tensor regions are checked
+    against their own checksums, and all region digests (padding included) combine into the
+    shard checksum (spec §8.1)."""
+    expected = {n: t.checksum for n, t in ckpt.manifest.tensors.items() if t.shard == file}
     start = shard.header.data_start
-    for begin, end, name, expected in tensors:
-        feed(start + begin)
-        digest = hashlib.sha256()
-        feed(start + end, digest)
-        if "sha256:" + digest.hexdigest() != expected:
+    header = os.pread(shard.fd, start, 0)
+    buffer = memoryview(bytearray(CHUNK_BYTES))
+    digests = []
+    for begin, end, name in shard.header.regions:
+        try:
+            digest = digest_file_range(shard.fd, start + begin, end - begin, buffer, progress)
+        except EOFError:
+            raise IntegrityError("unexpected end of file", path=shard.path) from None
+        ckpt.bytes_read += end - begin
+        if name in expected and as_checksum(digest) != expected[name]:
             raise IntegrityError("tensor checksum mismatch", path=shard.path, field=name)
-    feed(os.fstat(shard.fd).st_size)
-    if "sha256:" + file_hash.hexdigest() != checksum:
+        digests.append(digest)
+    ckpt.bytes_read += start
+    if shard_checksum(header, digests) != checksum:
         raise IntegrityError("shard checksum mismatch", path=shard.path)
-    return len(tensors) + 1
+    return len(expected) + 1

@@ -11,16 +11,21 @@ which is renamed to `DST` only once every file is complete and fsynced: a crash 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import dtypes
+from .checksum import CHUNK_BYTES, as_checksum, digest_bytes, shard_checksum, zeros_digest
 from .errors import ConversionError
 from .layout import PlannedShard, TensorSpec, plan_shards
 from .manifest import (
@@ -34,9 +39,11 @@ from .manifest import (
     TensorEntry,
 )
 from .shardfile import ShardPlan, plan_header
-from .staging import JournalEntry, StagingDir, file_sha256
+from .staging import JournalEntry, StagingDir
 
-CHUNK_BYTES = 64 * 1024 * 1024
+# In-memory tensors handed to the workers but not yet written: at most this many bytes (or one
+# tensor, if larger), so that RSS stays within ~2 tensors + this budget whatever `jobs` is.
+INFLIGHT_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 
 
@@ -61,65 +68,139 @@ def tensor_bytes(data: object, spec: TensorSpec) -> memoryview:
 
 
 def content_digest(view: memoryview) -> str:
-    digest = hashlib.sha256()
-    for start in range(0, view.nbytes, CHUNK_BYTES):
-        digest.update(view[start:start + CHUNK_BYTES])
-    return "sha256:" + digest.hexdigest()
+    return as_checksum(digest_bytes(view))
+
+
+def default_jobs() -> int:
+    """Worker threads for copying and hashing: one per core, at most 4 (beyond that the disk,
+    not the CPU, is the limit)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Tensor bytes that already lie in a file: copied by the kernel (`copy_file_range`) into
+    the shard, never through Python memory; hashed from a small reused buffer."""
+    path: Path
+    offset: int
 
 
 class _OpenShard:
-    """A shard file being written: sequential when tensors arrive in plan order."""
+    """A shard file being written: preallocated to its final size (padding reads as zeros),
+    header first, each tensor written at its final offset by whichever worker gets it."""
 
     def __init__(self, directory: Path, plan: PlannedShard, layout: ShardPlan):
         self.plan = plan
         self.layout = layout
         self.size = layout.size
         self.path = directory / plan.file
-        self.fh = open(self.path, "wb")
-        self.fh.write(layout.header)
-        self.hasher = hashlib.sha256(layout.header)
-        self.cursor = len(layout.header)
-        self.order = [t.name for t in plan.tensors]
-        self.next = 0
-        self.pending = set(self.order)
-        self.in_order = True
-
-    def write(self, name: str, view: memoryview, digest: hashlib._Hash,
-              progress: Callable[[int], None]) -> None:
-        begin, _ = self.layout.absolute(name)
-        sequential = self.in_order and self.order[self.next] == name
-        if sequential:
-            if begin > self.cursor:
-                pad = bytes(begin - self.cursor)
-                self.fh.write(pad)
-                self.hasher.update(pad)
-        else:
-            self.in_order = False
-            self.fh.seek(begin)
-        for start in range(0, view.nbytes, CHUNK_BYTES):
-            chunk = view[start:start + CHUNK_BYTES]
-            self.fh.write(chunk)
-            digest.update(chunk)
-            if sequential:
-                self.hasher.update(chunk)
-            progress(chunk.nbytes)
-        self.cursor = begin + view.nbytes
-        self.pending.discard(name)
-        while self.next < len(self.order) and self.order[self.next] not in self.pending:
-            self.next += 1
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, layout.size)
+        _pwrite_all(self.fd, memoryview(layout.header), 0)
+        self.digests: dict[str, bytes] = {}
+        self.unsubmitted = {t.name for t in plan.tensors}
+        self.futures: list[tuple[str, Future]] = []
 
     def close(self) -> str:
-        """Finish the file, fsync it, and return its checksum."""
-        if self.in_order and self.cursor < self.size:
-            self.fh.write(bytes(self.size - self.cursor))
-            self.hasher.update(bytes(self.size - self.cursor))
-        self.fh.truncate(self.size)
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        if self.in_order:
-            return "sha256:" + self.hasher.hexdigest()
-        return file_sha256(self.path)  # out-of-order writes: hash the finished file once
+        """fsync the file and return its checksum (spec §8.1: header + region digests)."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return shard_checksum(self.layout.header, (
+            self.digests[name] if name in self.digests else zeros_digest(end - begin)
+            for begin, end, name in self.layout.regions))
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # unfinished: never reused
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class _Copier:
+    """Moves one tensor's bytes into its shard and hashes them; runs in worker threads (the
+    syscalls and hashlib release the GIL, so copies and hashes of different tensors overlap)."""
+
+    def __init__(self, progress: Callable[[int], None]):
+        self.progress = progress
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.sources: dict[Path, int] = {}
+        self.copy_file_range = hasattr(os, "copy_file_range")
+
+    def _report(self, n: int) -> None:
+        with self.lock:
+            self.progress(n)
+
+    def _buffer(self) -> memoryview:
+        buf = getattr(self.local, "buffer", None)
+        if buf is None:
+            buf = self.local.buffer = memoryview(bytearray(CHUNK_BYTES))
+        return buf
+
+    def source_fd(self, path: Path, name: str, end: int) -> int:
+        with self.lock:
+            fd = self.sources.get(path)
+            if fd is None:
+                fd = self.sources[path] = os.open(path, os.O_RDONLY)
+        if os.fstat(fd).st_size < end:
+            raise ConversionError(f"source file ends before byte {end}", path=str(path),
+                                  field=name)
+        return fd
+
+    def from_memory(self, fd: int, offset: int, view: memoryview) -> bytes:
+        digest = hashlib.sha256()
+        for start in range(0, view.nbytes, CHUNK_BYTES):
+            chunk = view[start:start + CHUNK_BYTES]
+            digest.update(chunk)
+            _pwrite_all(fd, chunk, offset + start)
+            self._report(chunk.nbytes)
+        return digest.digest()
+
+    def from_file(self, fd: int, offset: int, src: int, src_offset: int, length: int) -> bytes:
+        """Hash each chunk from the buffer, then let the kernel copy the same range (it is
+        in the page cache now); without copy_file_range, write the buffer itself."""
+        buffer = self._buffer()
+        digest = hashlib.sha256()
+        done = 0
+        while done < length:
+            n = os.preadv(src, [buffer[:min(buffer.nbytes, length - done)]], src_offset + done)
+            if n <= 0:
+                raise ConversionError("source file ended early (changed during conversion?)")
+            digest.update(buffer[:n])
+            self._copy(fd, offset + done, src, src_offset + done, buffer[:n])
+            done += n
+            self._report(n)
+        return digest.digest()
+
+    def _copy(self, fd: int, offset: int, src: int, src_offset: int, chunk: memoryview) -> None:
+        if self.copy_file_range:
+            copied = 0
+            try:
+                while copied < chunk.nbytes:
+                    n = os.copy_file_range(src, fd, chunk.nbytes - copied,
+                                           src_offset + copied, offset + copied)
+                    if n <= 0:
+                        break
+                    copied += n
+            except OSError:      # EXDEV, ENOSYS, EINVAL on some filesystems: plain writes
+                self.copy_file_range = False
+            if copied == chunk.nbytes:
+                return
+            chunk, offset = chunk[copied:], offset + copied
+        _pwrite_all(fd, chunk, offset)
+
+    def close(self) -> None:
+        for fd in self.sources.values():
+            os.close(fd)
+        self.sources.clear()
 
 
 class CheckpointWriter:
@@ -143,6 +224,12 @@ class CheckpointWriter:
             tensors still have to be written.
         keep_partial: on an exception, keep `PATH.partial/` (when at least one shard is
             finished) so that a later `resume=True` run can continue.
+        jobs: worker threads that copy and hash tensors (1: everything in the caller's thread;
+            default: one per core, at most 4). `write` returns as soon as a worker has the
+            tensor; `commit` waits for all.
+        max_inflight_bytes: in-memory tensors handed to workers and not yet written are held
+            up to this many bytes (or one tensor, if larger); `write` waits beyond it. Tensors
+            given as `FileRange` cost no memory.
     """
 
     def __init__(self, path: str | os.PathLike, layers: Iterable[LayerSpec], *,
@@ -150,7 +237,8 @@ class CheckpointWriter:
                  alignment: int = 64, overwrite: bool = False,
                  progress: Callable[[int], None] | None = None,
                  metadata: Mapping[str, str] | None = None, resume: bool = False,
-                 keep_partial: bool = False):
+                 keep_partial: bool = False, jobs: int | None = None,
+                 max_inflight_bytes: int = INFLIGHT_BYTES):
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise ConversionError("destination exists (pass overwrite=True / --overwrite)",
@@ -175,6 +263,15 @@ class CheckpointWriter:
         self.checksums: dict[str, str] = {}
         self.shard_checksums: dict[str, str] = {}
         self.done = False
+        self.jobs = default_jobs() if jobs is None else int(jobs)
+        if self.jobs < 1:
+            raise ConversionError(f"jobs must be at least 1, got {jobs}")
+        self.copier = _Copier(self.progress)
+        self.pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="seif-write") \
+            if self.jobs > 1 else None
+        self.max_inflight = max_inflight_bytes
+        self.inflight = 0                       # bytes of in-memory tensors not yet written
+        self.inflight_cv = threading.Condition()
 
     # -- context manager: commit on success, clean up on any failure
     def __enter__(self) -> CheckpointWriter:
@@ -211,7 +308,7 @@ class CheckpointWriter:
                 self.shard_of[t.name] = shard
         journal = self.staging.acquire()
         if journal:
-            planned = {f: (p.header, p.size) for f, p in self.shard_layouts.items()}
+            planned = {f: (p.header, p.size, p.regions) for f, p in self.shard_layouts.items()}
             for file, entry in self.staging.reuse(journal, planned).items():
                 self.reused.add(file)
                 self.shard_checksums[file] = entry.checksum
@@ -220,8 +317,10 @@ class CheckpointWriter:
     def needs(self, name: str) -> bool:
         """Whether `name` still has to be written (False for aliases, for tensors already
         written, and for tensors in shards reused by `resume`)."""
-        spec = self.specs[name]
-        return spec.alias_of is None and name not in self.checksums
+        if self.specs[name].alias_of is not None or name in self.checksums:
+            return False
+        shard = self.open.get(self.shard_of[name].file)
+        return shard is None or name in shard.unsubmitted
 
     def _check_layers(self) -> None:
         for layer in self.layers:
@@ -241,7 +340,10 @@ class CheckpointWriter:
         return sum(s.nbytes for s in self.specs.values() if s.alias_of is None)
 
     def write(self, name: str, data: object) -> None:
-        """Write one planned tensor (ndarray of the planned dtype/shape, or its raw bytes)."""
+        """Write one planned tensor: an ndarray of the planned dtype/shape, its raw bytes, or a
+        `FileRange` saying where in a file its bytes already lie (copied without a round trip
+        through Python). Tensors may come in any order. With `jobs > 1` the writer keeps a
+        reference to `data` until a worker has written it: do not modify it afterwards."""
         spec = self.specs.get(name)
         if spec is None:
             raise ConversionError("tensor was not planned", field=name)
@@ -251,22 +353,72 @@ class CheckpointWriter:
         plan = self.shard_of[name]
         if plan.file in self.reused:
             return  # finished by an earlier run and verified on resume
-        if name in self.checksums:
-            raise ConversionError("tensor written twice", field=name)
-        view = tensor_bytes(data, spec)
         shard = self.open.get(plan.file)
+        if name in self.checksums or (shard is not None and name not in shard.unsubmitted):
+            raise ConversionError("tensor written twice", field=name)
+        if isinstance(data, FileRange):
+            src = self.copier.source_fd(data.path, name, data.offset + spec.nbytes)
+            view, nbytes = None, 0
+        else:
+            view = tensor_bytes(data, spec)
+            nbytes = view.nbytes
         if shard is None:
             shard = self.open[plan.file] = _OpenShard(self.tmp, plan,
                                                       self.shard_layouts[plan.file])
-        digest = hashlib.sha256()
-        shard.write(name, view, digest, self.progress)
-        self.checksums[name] = "sha256:" + digest.hexdigest()
-        if not shard.pending:
-            checksum = self.shard_checksums[plan.file] = shard.close()
-            del self.open[plan.file]
+        begin, _ = shard.layout.absolute(name)
+        shard.unsubmitted.discard(name)
+        if view is None:
+            job = (self.copier.from_file, shard.fd, begin, src, data.offset, spec.nbytes)
+        else:
+            job = (self.copier.from_memory, shard.fd, begin, view)
+        if self.pool is None:
+            shard.digests[name] = job[0](*job[1:])
+        else:
+            self._reserve(nbytes)
+            shard.futures.append((name, self.pool.submit(self._run, nbytes, job)))
+        self._finish_shards(wait=False)
+
+    def _reserve(self, nbytes: int) -> None:
+        """Wait until an in-memory tensor of `nbytes` fits the in-flight budget."""
+        if not nbytes:
+            return
+        with self.inflight_cv:
+            while self.inflight and self.inflight + nbytes > self.max_inflight:
+                self.inflight_cv.wait()
+            self.inflight += nbytes
+
+    def _run(self, nbytes: int, job) -> bytes:
+        try:
+            return job[0](*job[1:])
+        finally:
+            if nbytes:
+                with self.inflight_cv:
+                    self.inflight -= nbytes
+                    self.inflight_cv.notify_all()
+
+    def _finish_shards(self, wait: bool, salvage: bool = False) -> None:
+        """Close, fsync, checksum and journal every shard whose tensors are all written (with
+        `wait`, wait for the workers first). A worker's exception is raised here, or, when
+        salvaging what an aborted run finished, leaves that shard unfinished."""
+        for file, shard in list(self.open.items()):
+            if shard.unsubmitted:
+                continue
+            if not wait and not all(f.done() for _, f in shard.futures):
+                continue
+            try:
+                for tensor, future in shard.futures:
+                    shard.digests[tensor] = future.result()
+            except BaseException:
+                if salvage:
+                    continue
+                raise
+            for t in shard.plan.tensors:
+                self.checksums[t.name] = as_checksum(shard.digests[t.name])
+            checksum = self.shard_checksums[file] = shard.close()
+            del self.open[file]
             self.staging.record(JournalEntry(
-                plan.file, shard.size, checksum, hashlib.sha256(shard.layout.header).hexdigest(),
-                {t.name: self.checksums[t.name] for t in plan.tensors}))
+                file, shard.size, checksum, hashlib.sha256(shard.layout.header).hexdigest(),
+                {t.name: self.checksums[t.name] for t in shard.plan.tensors}))
 
     def manifest(self) -> Manifest:
         """The manifest of the finished checkpoint (valid once every tensor is written)."""
@@ -304,6 +456,8 @@ class CheckpointWriter:
         if self.done:
             return self.path
         try:
+            self._finish_shards(wait=True)
+            self._shutdown()
             missing = [n for n, s in self.specs.items()
                        if s.alias_of is None and n not in self.checksums]
             if missing:
@@ -340,9 +494,14 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Stop; the destination is left as it was. The staging directory is removed, or kept
         for `resume` when `keep_partial` is set and some shard is finished."""
+        if self.keep_partial and self.staging.fd is not None:
+            try:  # keep every shard whose tensors were all handed over: resume reuses them
+                self._finish_shards(wait=True, salvage=True)
+            except Exception:
+                pass
+        self._shutdown()
         for shard in self.open.values():
-            shard.fh.close()
-            os.unlink(shard.path)  # unfinished: never reused
+            shard.discard()
         self.open.clear()
         if self.staging.fd is None:
             pass  # plan() never acquired the staging directory: nothing of ours to remove
@@ -351,6 +510,14 @@ class CheckpointWriter:
         else:
             self.staging.discard()
         self.done = True
+
+
+    def _shutdown(self) -> None:
+        """Stop the workers (waiting for running copies: their files are about to be closed)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        self.copier.close()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -100,20 +100,24 @@ def test_one_expert_reads_only_its_bytes(tmp_path):
     assert kernel < total / 20
 
 
-def test_writer_holds_one_tensor_at_a_time(tmp_path):
+@pytest.mark.parametrize("jobs,held", [(1, 1), (2, 2), (3, 3)])
+def test_writer_memory_is_bounded(tmp_path, jobs, held):
+    """The caller's tensor plus at most `max_inflight_bytes` in the workers' hands (here
+    `held - 1` tensors; with one job, the writer holds nothing after `write` returns)."""
     n, shape = 24, (512, 1024)  # 2 MiB each, 48 MiB in all
+    one = 512 * 1024 * 4
     layer_free = [TensorSpec(f"w{i}", "F32", shape) for i in range(n)]
     tracemalloc.start()
     try:
-        with seif.CheckpointWriter(tmp_path / "big.seif", [], max_shard_bytes=8 << 20) as w:
+        with seif.CheckpointWriter(tmp_path / "big.seif", [], max_shard_bytes=8 << 20,
+                                   jobs=jobs, max_inflight_bytes=(held - 1) * one) as w:
             w.plan(layer_free)
             for i in range(n):
                 w.write(f"w{i}", np.full(shape, i, dtype=np.float32))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    one = 512 * 1024 * 4
-    assert peak < 2 * one + (1 << 20), peak
+    assert peak < (held + 1) * one + (1 << 20), peak
     assert seif.validate(tmp_path / "big.seif", deep=True).tensors == n
 
 

@@ -1,0 +1,141 @@
+"""The parallel writer: shard checksums per spec §8.1, computed here independently from the
+file bytes; the same bytes whatever `jobs` is; tensors copied from files (`FileRange`) with and
+without the kernel's copy_file_range."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import seif
+from seif.layout import TensorSpec
+from seif.writer import FileRange
+
+
+def _spec_shard_checksum(path) -> str:
+    """Spec §8.1 from scratch: SHA-256 over the header bytes, then the raw SHA-256 of every
+    header entry's bytes (padding included) in order of offset."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    body = data[8 + n:]
+    spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k.encode())
+                   for k, v in header.items())
+    h = hashlib.sha256(data[:8 + n])
+    for begin, end, _ in spans:
+        h.update(hashlib.sha256(body[begin:end]).digest())
+    return "sha256:" + h.hexdigest()
+
+
+def _tensors(rng):
+    # odd sizes force alignment padding between tensors
+    return {f"t{i}": rng.standard_normal((i + 3, 7 + 2 * i)).astype(np.float32)
+            for i in range(12)} | {"empty": np.zeros((0, 4), np.float32)}
+
+
+def _write(path, tensors, jobs, max_shard=2000):
+    specs = [TensorSpec(k, "F32", v.shape) for k, v in tensors.items()]
+    with seif.CheckpointWriter(path, [], max_shard_bytes=max_shard, jobs=jobs) as w:
+        w.plan(specs)
+        for k in reversed(list(tensors)):          # out of plan order on purpose
+            w.write(k, tensors[k])
+    return path
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 4])
+def test_shard_checksum_is_the_spec_definition(tmp_path, jobs):
+    tensors = _tensors(np.random.default_rng(0))
+    path = _write(tmp_path / "a.seif", tensors, jobs)
+    manifest = json.loads((path / "seif.json").read_text())
+    assert len(manifest["shards"]) > 2
+    for shard in manifest["shards"]:
+        assert shard["checksum"] == _spec_shard_checksum(path / shard["file"])
+    for name, entry in manifest["tensors"].items():
+        assert entry["checksum"] == "sha256:" + hashlib.sha256(tensors[name].tobytes()).hexdigest()
+    with seif.open(path) as ckpt:
+        for name, array in tensors.items():
+            assert np.array_equal(ckpt.tensor(name), array)
+    assert seif.validate(path, deep=True)
+
+
+def test_jobs_do_not_change_a_byte(tmp_path):
+    tensors = _tensors(np.random.default_rng(1))
+    one = _write(tmp_path / "one.seif", tensors, 1)
+    many = _write(tmp_path / "many.seif", tensors, 3)
+    assert sorted(os.listdir(one)) == sorted(os.listdir(many))
+    for f in os.listdir(one):
+        assert (one / f).read_bytes() == (many / f).read_bytes(), f
+
+
+def test_a_flipped_padding_byte_fails_the_shard_checksum(tmp_path):
+    path = _write(tmp_path / "a.seif", _tensors(np.random.default_rng(2)), 2)
+    manifest = json.loads((path / "seif.json").read_text())
+    shard = path / manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    pad = next(v for k, v in header.items() if k.startswith("__seif_pad_"))
+    data[8 + n + pad["data_offsets"][0]] ^= 1
+    shard.write_bytes(bytes(data))
+    seif.validate(path)                                    # structure is still fine
+    with pytest.raises(seif.IntegrityError, match="shard checksum"):
+        seif.validate(path, deep=True)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_file_ranges_are_copied_exactly(tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:
+        def refuse(*args, **kwargs):
+            raise OSError(38, "copy_file_range refused (test)")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    rng = np.random.default_rng(3)
+    tensors = _tensors(rng)
+    blob = tmp_path / "source.bin"
+    offsets, parts, at = {}, [], 5                 # unaligned offsets in the source
+    parts.append(b"\x01" * at)
+    for name, array in tensors.items():
+        offsets[name] = at
+        parts.append(array.tobytes())
+        at += array.nbytes
+    blob.write_bytes(b"".join(parts))
+    specs = [TensorSpec(k, "F32", v.shape) for k, v in tensors.items()]
+    with seif.CheckpointWriter(tmp_path / "r.seif", [], max_shard_bytes=2000, jobs=2) as w:
+        w.plan(specs)
+        for name in tensors:
+            w.write(name, FileRange(blob, offsets[name]))
+    reference = _write(tmp_path / "m.seif", tensors, 1)
+    for f in os.listdir(reference):
+        assert (reference / f).read_bytes() == (tmp_path / "r.seif" / f).read_bytes(), f
+
+
+def test_a_file_range_past_the_end_is_refused_and_nothing_is_left(tmp_path):
+    blob = tmp_path / "short.bin"
+    blob.write_bytes(bytes(100))
+    with pytest.raises(seif.ConversionError, match="ends before"):
+        with seif.CheckpointWriter(tmp_path / "x.seif", [], jobs=2) as w:
+            w.plan([TensorSpec("a", "F32", (64,))])
+            w.write("a", FileRange(blob, 0))
+    assert not (tmp_path / "x.seif").exists()
+    assert not (tmp_path / "x.seif.partial").exists()
+
+
+def test_a_worker_failure_aborts_cleanly(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_pwrite(fd, data, offset, _real=os.pwrite):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device (test)")
+        return _real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    with pytest.raises(OSError, match="No space"):
+        _write(tmp_path / "full.seif", _tensors(np.random.default_rng(4)), 2)
+    assert not (tmp_path / "full.seif").exists()
+    assert not (tmp_path / "full.seif.partial").exists()
