@@ -98,6 +98,9 @@ def validate(path: Path, deep: bool, as_json: bool) -> None:
               "checkpoint is complete).")
 @click.option("--resume", is_flag=True, help="Continue a conversion that was interrupted: "
               "shards it finished in DST.partial/ are verified by checksum and reused.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Worker threads that copy and "
+              "hash tensors (default: one per core, at most 4; 1 = no threads). seif and "
+              "transformers sources.")
 @click.option("--layer", type=int, help="ONNX export: the MoE layer (source layer index).")
 @click.option("--all-layers", is_flag=True, help="ONNX export: every MoE layer in one model "
               "(outputs output_<index>; layers must share one configuration).")
@@ -107,7 +110,8 @@ def validate(path: Path, deep: bool, as_json: bool) -> None:
 @_friendly_errors
 def convert(src: Path, dst: Path, target: str | None, source: str | None, dtype: str | None,
             experts: str | None, max_shard_bytes: int | None, overwrite: bool,
-            resume: bool, layer: int | None, all_layers: bool, onnx_target: str | None) -> None:
+            resume: bool, jobs: int | None, layer: int | None, all_layers: bool,
+            onnx_target: str | None) -> None:
     """Convert SRC to DST. Writes are atomic: DST appears only when complete.
 
     Formats: seif (a NAME.seif directory), transformers (a directory with config.json),
@@ -118,7 +122,7 @@ def convert(src: Path, dst: Path, target: str | None, source: str | None, dtype:
 
     options = {k: v for k, v in dict(dtype=dtype, experts=experts,
                                      max_shard_bytes=max_shard_bytes, layer=layer,
-                                     target=onnx_target).items() if v is not None}
+                                     target=onnx_target, jobs=jobs).items() if v is not None}
     if resume:
         options["resume"] = True
     if all_layers:

@@ -22,7 +22,7 @@ from .layout import TensorSpec
 from .manifest import LayerSpec
 from .progress import byte_progress
 from .reader import Checkpoint
-from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, FileRange
 
 _EXPERT_TENSOR = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.(.+)$")
 _ROUTER_ROWS = ("weight", "bias", "selection_bias")
@@ -76,7 +76,8 @@ def convert_seif_to_seif(src: str | os.PathLike, dst: str | os.PathLike, *,
                          dtype: str | None = None, experts: str | list[int] | None = None,
                          max_shard_bytes: int | None = None, overwrite: bool = False,
                          show_progress: bool | None = None, resume: bool = False,
-                         keep_partial: bool = True, **unused) -> Path:
+                         keep_partial: bool = True, jobs: int | None = None,
+                         **unused) -> Path:
     """Rewrite `src` as `dst`: new shard layout, optional float cast, optional expert subset.
 
     With `resume`, shards finished by an interrupted run into the same destination are
@@ -105,7 +106,7 @@ def convert_seif_to_seif(src: str | os.PathLike, dst: str | os.PathLike, *,
                                       or DEFAULT_MAX_SHARD_BYTES,
                                       alignment=m.layout.alignment, progress=advance,
                                       metadata=m.metadata, resume=resume,
-                                      keep_partial=keep_partial)
+                                      keep_partial=keep_partial, jobs=jobs)
             with writer:
                 writer.plan([spec for spec, _ in plan])
                 for spec, read in plan:
@@ -167,6 +168,11 @@ def _tensor_plan(ckpt: Checkpoint, name: str, new_name: str, entry, target: str 
     alias = entry.alias_of if entry.alias_of and rows is None and not dequantize else None
 
     def read() -> object:
+        if not (dequantize or cast or rows is not None):
+            # the same bytes: copied file to file by the writer, checked against the source's
+            # own checksum on the way
+            shard, offset, _ = ckpt.stored_bytes(name)
+            return FileRange(shard.fd, offset, expect=ckpt.manifest.resolve(name).checksum)
         if dequantize:
             array = ckpt.dequantized(name)
         else:

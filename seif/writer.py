@@ -26,7 +26,7 @@ import numpy as np
 
 from . import dtypes
 from .checksum import CHUNK_BYTES, as_checksum, digest_bytes, shard_checksum, zeros_digest
-from .errors import ConversionError
+from .errors import ConversionError, IntegrityError
 from .layout import PlannedShard, TensorSpec, plan_shards
 from .manifest import (
     MANIFEST_NAME,
@@ -80,9 +80,15 @@ def default_jobs() -> int:
 @dataclass(frozen=True)
 class FileRange:
     """Tensor bytes that already lie in a file: copied by the kernel (`copy_file_range`) into
-    the shard, never through Python memory; hashed from a small reused buffer."""
-    path: Path
+    the shard, never through Python memory; hashed from a small reused buffer.
+
+    `source` is a path (opened once per writer) or a file descriptor the caller keeps open
+    until the writer is done. `expect`: the checksum the bytes must have (e.g. the source
+    checkpoint's own); a mismatch aborts the conversion with an IntegrityError, so corruption
+    is never copied into a checkpoint with fresh, matching checksums."""
+    source: Path | int
     offset: int
+    expect: str | None = None
 
 
 class _OpenShard:
@@ -145,13 +151,16 @@ class _Copier:
             buf = self.local.buffer = memoryview(bytearray(CHUNK_BYTES))
         return buf
 
-    def source_fd(self, path: Path, name: str, end: int) -> int:
-        with self.lock:
-            fd = self.sources.get(path)
-            if fd is None:
-                fd = self.sources[path] = os.open(path, os.O_RDONLY)
+    def source_fd(self, source: Path | int, name: str, end: int) -> int:
+        if isinstance(source, int):
+            fd = source
+        else:
+            with self.lock:
+                fd = self.sources.get(source)
+                if fd is None:
+                    fd = self.sources[source] = os.open(source, os.O_RDONLY)
         if os.fstat(fd).st_size < end:
-            raise ConversionError(f"source file ends before byte {end}", path=str(path),
+            raise ConversionError(f"source file ends before byte {end}", path=str(source),
                                   field=name)
         return fd
 
@@ -164,7 +173,8 @@ class _Copier:
             self._report(chunk.nbytes)
         return digest.digest()
 
-    def from_file(self, fd: int, offset: int, src: int, src_offset: int, length: int) -> bytes:
+    def from_file(self, fd: int, offset: int, src: int, src_offset: int, length: int,
+                  expect: str | None = None, name: str = "") -> bytes:
         """Hash each chunk from the buffer, then let the kernel copy the same range (it is
         in the page cache now); without copy_file_range, write the buffer itself."""
         buffer = self._buffer()
@@ -178,6 +188,9 @@ class _Copier:
             self._copy(fd, offset + done, src, src_offset + done, buffer[:n])
             done += n
             self._report(n)
+        if expect is not None and as_checksum(digest.digest()) != expect:
+            raise IntegrityError("source bytes do not match their checksum (corrupt source?)",
+                                 field=name)
         return digest.digest()
 
     def _copy(self, fd: int, offset: int, src: int, src_offset: int, chunk: memoryview) -> None:
@@ -357,7 +370,7 @@ class CheckpointWriter:
         if name in self.checksums or (shard is not None and name not in shard.unsubmitted):
             raise ConversionError("tensor written twice", field=name)
         if isinstance(data, FileRange):
-            src = self.copier.source_fd(data.path, name, data.offset + spec.nbytes)
+            src = self.copier.source_fd(data.source, name, data.offset + spec.nbytes)
             view, nbytes = None, 0
         else:
             view = tensor_bytes(data, spec)
@@ -368,7 +381,8 @@ class CheckpointWriter:
         begin, _ = shard.layout.absolute(name)
         shard.unsubmitted.discard(name)
         if view is None:
-            job = (self.copier.from_file, shard.fd, begin, src, data.offset, spec.nbytes)
+            job = (self.copier.from_file, shard.fd, begin, src, data.offset, spec.nbytes,
+                   data.expect, name)
         else:
             job = (self.copier.from_memory, shard.fd, begin, view)
         if self.pool is None:

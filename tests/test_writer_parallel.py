@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 
 import numpy as np
 import pytest
 
 import seif
+from seif.convert_seif import convert_seif_to_seif
 from seif.layout import TensorSpec
 from seif.writer import FileRange
 
@@ -139,3 +141,29 @@ def test_a_worker_failure_aborts_cleanly(tmp_path, monkeypatch):
         _write(tmp_path / "full.seif", _tensors(np.random.default_rng(4)), 2)
     assert not (tmp_path / "full.seif").exists()
     assert not (tmp_path / "full.seif.partial").exists()
+
+
+def test_seif_to_seif_copies_files_and_refuses_a_corrupt_source(tiny, tmp_path):
+    src = tiny[0]
+    out = tmp_path / "copy.seif"
+    convert_seif_to_seif(src, out, jobs=2, max_shard_bytes=1 << 14)
+    with seif.open(src) as a, seif.open(out) as b:
+        assert a.tensor_names() == b.tensor_names()
+        for name in a.tensor_names():
+            assert a.info(name).checksum == b.info(name).checksum
+            assert np.array_equal(a.tensor(name), b.tensor(name))
+    # one flipped bit inside a tensor of the source: the copy stops, nothing is left behind
+    bad = tmp_path / "bad.seif"
+    shutil.copytree(src, bad)
+    manifest = json.loads((bad / "seif.json").read_text())
+    name, entry = next((n, t) for n, t in manifest["tensors"].items() if "experts" in n
+                       and t.get("shard"))
+    shard = bad / entry["shard"]
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 + n + entry["data_offsets"][0]] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(seif.IntegrityError, match="do not match their checksum"):
+        convert_seif_to_seif(bad, tmp_path / "from-bad.seif", keep_partial=False)
+    assert not (tmp_path / "from-bad.seif").exists()
+    assert not (tmp_path / "from-bad.seif.partial").exists()
