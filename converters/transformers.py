@@ -1296,7 +1296,7 @@ def _plain_stacked_source(family: Family, sp: _Split) -> str:
 def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
             dtype: str | None = None, show_progress: bool | None = None,
             max_shard_bytes: int | None = None, resume: bool = False, keep_partial: bool = True,
-            **options) -> Path:
+            jobs: int | None = None, **options) -> Path:
     """Convert a transformers checkpoint directory `src` into the SEIF checkpoint `dst`.
 
     Quantized weights (FP8 block-wise `weight_scale_inv`, gpt-oss MXFP4) pass through byte for
@@ -1307,7 +1307,7 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     With `resume`, shards an interrupted run finished are verified and reused (their source
     bytes are not even read)."""
     from seif.quant import dequantize
-    from seif.writer import CheckpointWriter
+    from seif.writer import CheckpointWriter, FileRange
 
     if options:
         raise ConversionError(f"options not supported for transformers -> seif: "
@@ -1383,7 +1383,7 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
             extra["metadata"] = {METADATA_TRANSPOSED: json.dumps(sorted(transposed))}
         writer = CheckpointWriter(dst, layers, model=model, overwrite=overwrite,
                                   progress=advance, resume=resume, keep_partial=keep_partial,
-                                  **extra)
+                                  jobs=jobs, **extra)
         with writer:
             writer.plan(specs)
             fds: dict[Path, int] = {}
@@ -1419,9 +1419,11 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
                         name = rename.get(s.name, s.name)
                         if name not in planned or not writer.needs(name):
                             continue
-                        q = quants.get(name) if target is not None else None
-                        writer.write(name, convert(read(s), s.dtype, s.shape, planned[name], q,
-                                                   lambda n: array(by_name[n])))
+                        if target is None:   # the same bytes: copied file to file
+                            writer.write(name, FileRange(s.path, s.offset))
+                            continue
+                        writer.write(name, convert(read(s), s.dtype, s.shape, planned[name],
+                                                   quants.get(name), lambda n: array(by_name[n])))
                         continue
                     if sp.rule.part == "weight_scale" and target is not None:
                         continue
