@@ -12,10 +12,14 @@ is a stable sort, never `torch.topk`, whose tie order is undefined). Experts run
 dtype (or `compute_dtype`), their activations in float32; outputs are combined in float32 and
 returned in the input's dtype.
 
-Dispatch is sorted-token grouped: the (token, slot) assignments are sorted by expert once, each
-expert's rows are then contiguous, and the projections run as one `torch._grouped_mm` over all
-experts where this torch supports it for the device and dtype (probed once; CPU float32 / bf16 /
-fp16 in torch 2.13 need 16-byte aligned row strides), else as one matmul per active expert.
+Dispatch is sorted-token grouped: the (token, slot) assignments are sorted by expert once, so
+each expert's rows are contiguous; outputs are weighted and accumulated into the result with
+`index_add_` (a fixed order, no [T*k, H] staging copy). The projections run either as one
+`torch._grouped_mm` over all experts ("grouped_mm": where this torch supports it for the device
+and dtype, probed once; CPU float32 / bf16 / fp16 in torch 2.13 need 16-byte aligned row
+strides) or expert by expert over the active experts only ("per_expert"), where each matmul
+picks its kernel from its row count (MKL GEMV/GEMM for 1-3 rows, oneDNN from 4 rows in float32:
+"per_expert+onednn"). By default the choice is made per call from the shapes (`_dispatch`).
 
     moe = seif.converters.torch.load_layer("mixtral.seif", 0)      # nn.Module
     y = moe(hidden_states)                                         # [T, H] or [B, S, H]
@@ -177,8 +181,10 @@ class SparseMoE(nn.Module):
     `down_proj` [E, H, I] (+ `*_bias`), shared experts `shared_gate_proj` / `shared_up_proj`
     [n, I_s, H], `shared_down_proj` [n, H, I_s] (+ biases) and `shared_expert_gate` [1, H].
 
-    `grouped_mm`: None picks `torch._grouped_mm` when supported (see `grouped_mm_supported`),
-    False forces one matmul per active expert. `last_dispatch` says which ran last.
+    `grouped_mm`: None chooses per call from the shapes (`_dispatch`: on CPU the per-expert loop
+    unless the experts are tiny), True forces `torch._grouped_mm` where supported (see
+    `grouped_mm_supported`), False forces the per-expert loop. `last_dispatch` says which ran
+    last ("grouped_mm", "per_expert", or "per_expert+onednn" when some expert used oneDNN).
     `return_router_logits` makes forward return `(out, router_logits)` (the calling convention
     of some transformers decoder layers).
     """
@@ -387,22 +393,13 @@ class SparseMoE(nn.Module):
         slots = slots[order]
         experts = flat_e[slots]
         tokens = torch.div(slots, k, rounding_mode="floor")
-        ws = flat_w[slots].unsqueeze(1)
-        xs = x[tokens]
-        if r.weight_on == "input":
-            ys = self._experts(ws * xs, experts)
-        else:
-            ys = ws * self._experts(xs, experts)
-        contrib = x.new_zeros(T * k, x.shape[1])
-        contrib[slots] = ys
+        out = torch.zeros_like(x)
+        self._experts_into(out, x, tokens, experts, flat_w[slots].unsqueeze(1),
+                           r.weight_on == "input")
         if r.capacity is not None and r.capacity.drop_policy == "passthrough_scaled":
             dropped = torch.nonzero(~flat_kept).squeeze(1)
-            contrib[dropped] = flat_w[dropped].unsqueeze(1) * \
-                x[torch.div(dropped, k, rounding_mode="floor")]
-        contrib = contrib.view(T, k, -1)
-        out = torch.zeros_like(x)
-        for j in range(k):                     # a fixed accumulation order, slot by slot
-            out = out + contrib[:, j]
+            dropped_tokens = torch.div(dropped, k, rounding_mode="floor")
+            out.index_add_(0, dropped_tokens, flat_w[dropped].unsqueeze(1) * x[dropped_tokens])
         return out
 
     def _expert_choice(self, x, z):
@@ -416,14 +413,8 @@ class SparseMoE(nn.Module):
         g = torch.gather(s, -1, tok) * torch.tensor(r.scale, dtype=torch.float32)
         tokens, ws = tok.reshape(-1), g.reshape(-1, 1)
         experts = torch.arange(E, device=x.device).repeat_interleave(C)
-        if r.weight_on == "input":
-            ys = self._experts(ws * x[tokens], experts)
-        else:
-            ys = ws * self._experts(x[tokens], experts)
         out = torch.zeros_like(x)
-        for e in range(E):        # an expert's C tokens are distinct: deterministic, no atomics
-            out[tokens[e * C:(e + 1) * C]] += ys[e * C:(e + 1) * C]
-        return out
+        return self._experts_into(out, x, tokens, experts, ws, r.weight_on == "input")
 
     def _soft_moe(self, x, z):
         E, S = self.spec.num_experts, self.spec.routing.slots_per_expert
@@ -460,31 +451,63 @@ class SparseMoE(nn.Module):
         g = proj("gate", xs) if ffn.gated else None
         return proj("down", _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt))
 
-    def _use_grouped(self, cdt: torch.dtype, device: torch.device) -> bool:
+    def _dispatch(self, cdt: torch.dtype, device: torch.device) -> str:
+        """"grouped_mm" or "per_expert", from the `grouped_mm` setting and the shapes.
+
+        Auto (`grouped_mm=None`): on CPU `torch._grouped_mm` runs one `mm` per expert, the same
+        kernel the loop calls, but it visits every expert (empty ones too) and its kernel
+        cannot be chosen per expert; the loop visits active experts only and picks the faster
+        kernel for each (see `_linear`), which measured 1.1-1.4x faster for the benchmark's
+        layers (benchmarks/README.md). Where one expert's projections are tiny (under
+        `GROUPED_MAX_EXPERT_ELEMENTS` weights) a Python call per expert costs more than the
+        matmul itself, so one grouped call per projection wins; other devices (CUDA) have a
+        real grouped kernel and always use it."""
         if self.grouped_mm is False:
-            return False
+            return "per_expert"
         I, H = self.spec.experts.intermediate_size, self.spec.hidden_size
         item = torch.empty((), dtype=cdt).element_size()
         aligned = (H * item) % 16 == 0 and (I * item) % 16 == 0
-        return aligned and grouped_mm_supported(device, cdt)
+        if not (aligned and grouped_mm_supported(device, cdt)):
+            return "per_expert"
+        if self.grouped_mm or device.type != "cpu" or I * H <= GROUPED_MAX_EXPERT_ELEMENTS:
+            return "grouped_mm"
+        return "per_expert"
 
     def _experts(self, xs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Routed experts on rows xs [N, H] (float32) sorted by `experts` [N] -> [N, H] f32."""
+        N, H = xs.shape
+        out = xs.new_zeros(N, H, dtype=torch.float32)
+        rows = torch.arange(N, device=xs.device)
+        return self._experts_into(out, xs, rows, experts, None, False)
+
+    def _experts_into(self, out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
+                      experts: torch.Tensor, ws: torch.Tensor | None,
+                      on_input: bool) -> torch.Tensor:
+        """out[tokens[i]] += ws[i] * expert_{experts[i]}(x[tokens[i]]) for every i (ws on the
+        expert's input instead when `on_input`; ws None = 1). `experts` is sorted; out and x
+        are float32. Returns out.
+
+        Rows are gathered, weighted and accumulated expert by expert (index_add_, a fixed
+        order) so that no [N, H] copies of the inputs or outputs are made on the loop path."""
         ffn, E = self.spec.experts, self.spec.num_experts
+        if tokens.shape[0] == 0:
+            return out
         cdt = self._cdt()
-        xs = xs.to(cdt).contiguous()
         counts = torch.bincount(experts, minlength=E)
-        if xs.shape[0] == 0:
-            return xs.new_zeros(0, self.spec.hidden_size, dtype=torch.float32)
-        if self._use_grouped(cdt, xs.device):
+        if self._dispatch(cdt, x.device) == "grouped_mm":
+            xs = x[tokens]
+            if on_input and ws is not None:
+                xs = ws * xs
             try:
-                out = self._experts_grouped(xs, experts, counts, ffn, cdt)
+                ys = self._experts_grouped(xs.to(cdt).contiguous(), experts, counts, ffn, cdt)
                 self.last_dispatch = "grouped_mm"
-                return out
+                if not on_input and ws is not None:
+                    ys.mul_(ws)
+                return out.index_add_(0, tokens, ys)
             except RuntimeError:       # an unsupported layout after all: fall back, for good
                 self.grouped_mm = False
-        self.last_dispatch = "per_expert"
-        return self._experts_loop(xs, counts, ffn, cdt)
+        self._experts_loop(out, x, tokens, ws, on_input, counts, ffn, cdt)
+        return out
 
     def _weights(self, name: str, cdt):
         w = getattr(self, f"{name}_proj")
@@ -504,27 +527,85 @@ class SparseMoE(nn.Module):
         h = _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt).contiguous()
         return proj("down", h).float()
 
-    def _experts_loop(self, xs, counts, ffn, cdt):
-        out = torch.empty(xs.shape[0], self.spec.hidden_size, dtype=torch.float32,
-                          device=xs.device)
+    def _experts_loop(self, out, x, tokens, ws, on_input, counts, ffn, cdt) -> None:
+        """One expert at a time, active experts only; each projection through `_linear`."""
         ends = torch.cumsum(counts, 0).tolist()
         start = 0
         weights = {p: self._weights(p, cdt) for p in ffn.projections}
+        onednn = cdt == torch.float32 and onednn_linear_supported(x.device, cdt)
+        used_onednn = False
         for e, end in enumerate(ends):
             if end == start:
                 continue
-            rows = xs[start:end]
+            tok = tokens[start:end]
+            w_e = None if ws is None else ws[start:end]
+            rows = x.index_select(0, tok)
+            if on_input and w_e is not None:
+                rows = w_e * rows
+            rows = rows.to(cdt)
+            fast = onednn and end - start >= ONEDNN_MIN_ROWS
 
-            def proj(name, inp, e=e):
+            def proj(name, inp, e=e, fast=fast):
                 w, b = weights[name]
-                return F.linear(inp, w[e], None if b is None else b[e])
+                return _linear(inp, w[e], None if b is None else b[e], fast)
 
             u = proj("up", rows).float()
             g = proj("gate", rows).float() if ffn.gated else None
             h = _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt)
-            out[start:end] = proj("down", h).float()
+            y = proj("down", h).float()
+            if not on_input and w_e is not None:
+                y = y.mul_(w_e)
+            out.index_add_(0, tok, y)
+            used_onednn = used_onednn or fast
             start = end
-        return out
+        self.last_dispatch = "per_expert+onednn" if used_onednn else "per_expert"
+
+
+# Experts with at least this many rows use oneDNN's matmul in float32 (see `_linear`).
+ONEDNN_MIN_ROWS = 4
+
+# One expert's [I, H] at or under this many weights: `grouped_mm=None` takes torch._grouped_mm
+# on CPU (a matmul this small takes about as long as the Python call that launches it).
+GROUPED_MAX_EXPERT_ELEMENTS = 1 << 16
+
+_ONEDNN_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def onednn_linear_supported(device: torch.device | str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's linear (`torch.ops.mkldnn._linear_pointwise` on plain, unpacked
+    weights) runs and agrees with `F.linear` on `device` for `dtype`; probed once."""
+    dev = torch.device(device)
+    key = (dev.type, dtype)
+    if key not in _ONEDNN_OK:
+        ok = False
+        if dev.type == "cpu" and torch.backends.mkldnn.is_available():
+            try:
+                gen = torch.Generator().manual_seed(0)
+                a = torch.randn(3, 16, generator=gen).to(dtype)
+                w = torch.randn(5, 16, generator=gen).to(dtype)
+                b = torch.randn(5, generator=gen).to(dtype)
+                got = torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "").float()
+                want = F.linear(a.float(), w.float(), b.float())
+                ok = got.shape == want.shape and bool(
+                    torch.allclose(got, want, rtol=1e-2, atol=1e-2))
+            except Exception:  # not built in, or an API change: use F.linear, never fail
+                ok = False
+        _ONEDNN_OK[key] = ok
+    return _ONEDNN_OK[key]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+            onednn: bool) -> torch.Tensor:
+    """x @ w.T (+ b). `onednn`: oneDNN's matmul instead of torch's default (MKL sgemm for
+    float32). Measured here on CPU (fp32, 2 threads, 64 experts' weights streamed from DRAM):
+    MKL reads the weights at 25-30 GB/s (the read bandwidth) for 1-3 rows but at 14-16 GB/s
+    for 4-24 rows (it packs the weight, so each byte crosses memory more than once); oneDNN
+    holds 18-19 GB/s over 2-24 rows and is 5-20% faster than MKL up to 256 rows. So callers
+    pass onednn for `ONEDNN_MIN_ROWS` rows or more. bf16 F.linear already runs oneDNN."""
+    if onednn and x.is_contiguous() and w.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
 
 
 def _group_mask(c: torch.Tensor, G: int, keep: int, score: str, mask: str) -> torch.Tensor:

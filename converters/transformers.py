@@ -1309,6 +1309,8 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     from seif.quant import dequantize
     from seif.writer import CheckpointWriter, FileRange
 
+    from .hf_config import with_config
+
     if options:
         raise ConversionError(f"options not supported for transformers -> seif: "
                               f"{', '.join(options)}")
@@ -1325,9 +1327,8 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     quant = _quantization(family, config, str(config_path))
     sources = _read_sources(root)
 
-    from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(str(root))
-    layers, rename, splits, quants, transposed = _layer_map(family, cfg, sources, root, quant)
+    layers, rename, splits, quants, transposed = with_config(
+        root, config, lambda cfg: _layer_map(family, cfg, sources, root, quant))
     reshaped = {}          # canonical name -> SEIF shape, where it only drops unit dims
     if family.selection_bias_lead:
         reshaped = {layer.router_name("selection_bias"): (layer.num_experts,)

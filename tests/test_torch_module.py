@@ -79,7 +79,7 @@ def run(module, x: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(x)).numpy()
 
 
-@pytest.mark.parametrize("grouped", [None, False], ids=["grouped", "loop"])
+@pytest.mark.parametrize("grouped", [None, True, False], ids=["auto", "grouped", "loop"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(case, grouped):
     spec = CASES[case]
@@ -90,10 +90,46 @@ def test_matches_reference(case, grouped):
     want = moe_forward(x, spec, params)
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-    if grouped is False:
-        assert module.last_dispatch == "per_expert"
-    elif case != "odd-sizes" and st.grouped_mm_supported("cpu", torch.float32):
+    if grouped is False or case == "odd-sizes" \
+            or not st.grouped_mm_supported("cpu", torch.float32):
+        assert module.last_dispatch in ("per_expert", "per_expert+onednn")
+    else:                                  # these experts are tiny: one grouped call wins
         assert module.last_dispatch == "grouped_mm"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 3, 200])
+def test_auto_dispatch_on_larger_experts(dtype, tokens):
+    """Experts over GROUPED_MAX_EXPERT_ELEMENTS run the per-expert loop on CPU (1-row experts
+    through F.linear, larger ones through oneDNN in fp32), in both dtypes, matching the
+    reference and the grouped dispatch."""
+    spec = layer(RoutingSpec("topk", 2, "softmax", normalize="sum"), h=256, i=512, e=4)
+    assert spec.experts.intermediate_size * spec.hidden_size > st.GROUPED_MAX_EXPERT_ELEMENTS
+    params = build(spec, seed=7)
+    x = np.random.default_rng(8).standard_normal((tokens, 256)).astype(np.float32)
+    module = st.SparseMoE.from_params(spec, params, dtype)
+    got = module(torch.from_numpy(x).to(dtype)).float().numpy()
+    onednn = dtype == torch.float32 and tokens >= 2 * st.ONEDNN_MIN_ROWS \
+        and st.onednn_linear_supported("cpu", dtype)
+    assert module.last_dispatch == ("per_expert+onednn" if onednn else "per_expert")
+    if dtype == torch.float32:
+        np.testing.assert_allclose(got, moe_forward(x, spec, params), rtol=0, atol=1e-5)
+    if st.grouped_mm_supported("cpu", dtype):
+        grouped = st.SparseMoE.from_params(spec, params, dtype, grouped_mm=True)
+        ref = grouped(torch.from_numpy(x).to(dtype)).float().numpy()
+        assert grouped.last_dispatch == "grouped_mm"
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+
+
+def test_onednn_linear_matches_f_linear():
+    if not st.onednn_linear_supported("cpu", torch.float32):
+        pytest.skip("oneDNN linear not available in this torch")
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=gen) for s in ((5, 64), (48, 64), (48,)))
+    for bias in (None, b):
+        torch.testing.assert_close(st._linear(x, w, bias, True), torch.nn.functional.linear(
+            x, w, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_token_choice_routing_matches_reference():
