@@ -399,6 +399,12 @@ class Family:
     # config (e.g. "text_config"); every callable above then receives that config. Tensors
     # outside the text decoder's MoE blocks (vision tower, projector) pass through as dense.
     sub_config: str | None = None
+    # Other on-disk templates of `block` that transformers also loads (the first whose router
+    # tensor is present wins; the manifest keeps each layer's prefix for the way back), and the
+    # in-memory module path when it differs from every on-disk one (for finding the block in a
+    # live model: seif.converters.torch.find_moe_block, seif verify's oracle).
+    block_alternatives: tuple[str, ...] = ()
+    module: str | None = None
 
 
 _DEEPSEEK_V3 = Family(
@@ -800,6 +806,22 @@ FAMILIES["llama4"] = dataclasses.replace(
           "projector dense")
 
 
+def _kimi_k25_check(cfg: Any) -> None:
+    if cfg.model_type != "deepseek_v3":
+        raise ConversionError(f"kimi_k25 with a {cfg.model_type!r} text model: only its "
+                              "DeepSeek-V3 text decoder is mapped")
+
+
+FAMILIES["kimi_k25"] = _like_deepseek_v3(
+    "kimi_k25", "as deepseek_v3, in the text decoder (published language_model.model.layers; "
+    "transformers 5.24's save_pretrained writes language_model.model.blocks, read too); vision "
+    "tower and projector dense",
+    block="language_model.model.layers.{l}.mlp",
+    block_alternatives=("language_model.model.blocks.{l}.mlp",),
+    module="model.language_model.layers.{l}.mlp", sub_config="text_config",
+    automodel="AutoModelForImageTextToText", check=_kimi_k25_check)
+
+
 # MoE families of the installed transformers that are refused on purpose, and why (read off the
 # installed modeling code). Any other unknown model_type is refused too, generically.
 REFUSED: dict[str, str] = {
@@ -1067,7 +1089,7 @@ def _auto_transposed(family: Family, cfg: Any, li: int, layer: LayerSpec,
     `Transpose(check_dims=True)` decides, a tensor whose shape is the in-memory `[E, out, in]`
     is taken as it is (a square one too), any other shape as transposed (checked later)."""
     found: set[str] = set()
-    block = _block(family, cfg, li)
+    block = layer.source_prefix or _block(family, cfg, li)
     for rule in rules:
         if rule.transposed != "auto":
             continue
@@ -1080,13 +1102,26 @@ def _auto_transposed(family: Family, cfg: Any, li: int, layer: LayerSpec,
     return found
 
 
-def _block(family: Family, cfg: Any, li: int) -> str:
+def _block(family: Family, cfg: Any, li: int, sources: dict[str, _Source] | None = None
+           ) -> str:
+    """Layer `li`'s MoE block prefix on disk: the family's `block`, or, given the checkpoint's
+    tensors, the first of `block` and `block_alternatives` whose router is there."""
     if callable(family.block):
         return family.block(cfg, li)
-    return family.block.format(l=li)
+    candidates = _blocks(family, li)
+    if sources is not None:
+        for prefix in candidates:
+            if f"{prefix}.{family.router}.weight" in sources:
+                return prefix
+    return candidates[0]
 
 
-def _layer_spec(family: Family, cfg: Any, li: int) -> LayerSpec:
+def _blocks(family: Family, li: int) -> list[str]:
+    """Every on-disk prefix layer `li`'s MoE block may have (string templates only)."""
+    return [t.format(l=li) for t in (family.block, *family.block_alternatives)]
+
+
+def _layer_spec(family: Family, cfg: Any, li: int, block: str | None = None) -> LayerSpec:
     E = int(family.num_experts(cfg))
     routing = family.routing(cfg)
     routing.router_bias = routing.router_bias or family.router_bias is not None
@@ -1096,7 +1131,7 @@ def _layer_spec(family: Family, cfg: Any, li: int) -> LayerSpec:
         if sffn is not None:
             shared = SharedExpertsSpec(1, sffn, family.shared_gate is not None)
     return LayerSpec(li, E, int(cfg.hidden_size), routing, family.expert_ffn(cfg), shared,
-                     source_prefix=_block(family, cfg, li))
+                     source_prefix=block or _block(family, cfg, li))
 
 
 @dataclass(frozen=True)
@@ -1198,10 +1233,10 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
     tensors, source name -> split rule for their stacked ones, canonical name ->
     quantization descriptor of the plainly stored quantized ones (fp8), and the stacked
     sources an "auto" rule found stored transposed."""
-    if family.check is not None:
-        family.check(cfg)
     if family.sub_config is not None:
         cfg = getattr(cfg, family.sub_config)
+    if family.check is not None:
+        family.check(cfg)
     rules = family.quantized.get(quant.method, family.stacked)
     layers: list[LayerSpec] = []
     rename: dict[str, str] = {}
@@ -1210,14 +1245,16 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
     transposed: set[str] = set()
     n_layers = int(family.n_layers(cfg) if family.n_layers else cfg.num_hidden_layers)
     for li in range(n_layers):
-        block = _block(family, cfg, li)
-        router = f"{block}.{family.router}.weight"
+        block = _block(family, cfg, li, sources)
         if not family.is_moe_layer(cfg, li):
-            if router in sources or any(n.startswith(f"{block}.experts.") for n in sources):
-                raise ConversionError(f"layer {li} should be dense per the config, but the "
-                                      f"checkpoint has MoE tensors under {block}", path=str(root))
+            for prefix in ([block] if callable(family.block) else _blocks(family, li)):
+                if f"{prefix}.{family.router}.weight" in sources \
+                        or any(n.startswith(f"{prefix}.experts.") for n in sources):
+                    raise ConversionError(f"layer {li} should be dense per the config, but the "
+                                          f"checkpoint has MoE tensors under {prefix}",
+                                          path=str(root))
             continue
-        layer = _layer_spec(family, cfg, li)
+        layer = _layer_spec(family, cfg, li, block)
         E = layer.num_experts
         try:
             layer.routing.check(f"layer {li} routing", E)

@@ -15,8 +15,13 @@ same random hidden states, and the report gives, per layer:
   the reference output of both sides. That is the real oracle: a converter bug that both sides
   share is caught only there.
 
-A layer fails when an error exceeds `tolerance` or any token's routing disagrees; a layer present
-on one side only fails as "missing". Nothing here imports torch unless an oracle runs.
+A layer fails when an error exceeds its allowance, `tolerance + rtol * scale` (`scale`: the largest
+magnitude of the src side's reference output on that layer), or any token's routing disagrees; a
+layer present on one side only fails as "missing". The relative part is there because fp32
+rounding differences between two correct implementations (a different summation order over the
+hidden size, the experts' intermediate size, the k experts) grow with the output's magnitude and
+the hidden size: an absolute 1e-5 alone fails correct conversions of large layers. Nothing here
+imports torch unless an oracle runs.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class LayerResult:
     oracle_error: float | None = None
     oracle_agreement: float | None = None
     status: str = "ok"                # ok | FAIL | missing
+    scale: float | None = None        # max |src reference output| on this layer
+    allowed: float | None = None      # tolerance + rtol * scale: the largest error accepted
     notes: list[str] = field(default_factory=list)
 
 
@@ -70,6 +77,7 @@ class VerifyReport:
     seed: int
     oracle: str                       # "transformers" when an oracle ran, else "none"
     layers: list[LayerResult]
+    rtol: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -82,7 +90,7 @@ class VerifyReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         for row in d["layers"]:       # JSON has no NaN/inf: report them as strings
-            for key in ("max_error", "oracle_error"):
+            for key in ("max_error", "oracle_error", "scale", "allowed"):
                 v = row[key]
                 if v is not None and not math.isfinite(v):
                     row[key] = str(v)
@@ -261,17 +269,22 @@ def _oracle_forward(side: _Side, layer: LayerSpec, x: np.ndarray):
 
 # --------------------------------------------------------------------------- verify
 def verify(src, dst, tolerance: float = 1e-5, tokens: int = 64, seed: int = 0, *,
-           oracle: bool | None = None, tie_tolerance: float = 0.0) -> VerifyReport:
+           oracle: bool | None = None, tie_tolerance: float = 0.0,
+           rtol: float = 1e-5) -> VerifyReport:
     """Compare every MoE layer of `src` and `dst` (SEIF checkpoints or transformers dirs).
 
-    `oracle`: None runs transformers' own MoE blocks for transformers sides when torch and
-    transformers are installed; True requires it; False skips it. Hidden states are N(0, 1),
-    `tokens` of them per layer, from `seed`.
+    A layer's outputs agree when the max abs error is <= `tolerance + rtol * scale`, `scale`
+    being the largest magnitude of src's reference output on that layer (`rtol=0`: absolute
+    only). `oracle`: None runs transformers' own MoE blocks for transformers sides when torch
+    and transformers are installed; True requires it; False skips it. Hidden states are
+    N(0, 1), `tokens` of them per layer, from `seed`.
     """
     if tokens < 1:
         raise VerifyError(f"tokens must be >= 1, not {tokens}")
     if not tolerance >= 0:
         raise VerifyError(f"tolerance must be >= 0, not {tolerance}")
+    if not rtol >= 0:
+        raise VerifyError(f"rtol must be >= 0, not {rtol}")
     src, dst = Path(src), Path(dst)
     rows: list[LayerResult] = []
     with contextlib.ExitStack() as stack:
@@ -297,13 +310,15 @@ def verify(src, dst, tolerance: float = 1e-5, tokens: int = 64, seed: int = 0, *
                                         notes=[f"only in {where}"]))
                 continue
             rows.append(_compare_layer(a, b, la[index], lb[index], hf_sides if run_oracle
-                                       else [], tolerance, tokens, seed, tie_tolerance))
+                                       else [], (tolerance, rtol), tokens, seed,
+                                       tie_tolerance))
     return VerifyReport(str(src), str(dst), a.format, b.format, tolerance, tokens, seed,
-                        "transformers" if run_oracle else "none", rows)
+                        "transformers" if run_oracle else "none", rows, rtol)
 
 
 def _compare_layer(a: _Side, b: _Side, sa: LayerSpec, sb: LayerSpec, oracles: list[_Side],
-                   tol: float, tokens: int, seed: int, tau: float) -> LayerResult:
+                   tols: tuple[float, float], tokens: int, seed: int, tau: float
+                   ) -> LayerResult:
     experts = str(sa.num_experts) if sa.num_experts == sb.num_experts \
         else f"{sa.num_experts}/{sb.num_experts}"
     kind = sa.routing.kind if sa.routing.kind == sb.routing.kind \
@@ -318,6 +333,8 @@ def _compare_layer(a: _Side, b: _Side, sa: LayerSpec, sb: LayerSpec, oracles: li
     pa, pb = a.ckpt.moe_params(sa.index), b.ckpt.moe_params(sb.index)
     ya, yb = moe_forward(x, sa, pa), moe_forward(x, sb, pb)
     row.max_error = float(np.max(np.abs(ya - yb)))
+    row.scale = float(np.max(np.abs(ya))) if ya.size else 0.0
+    row.allowed = tol = tols[0] + tols[1] * row.scale
     sel_a, sel_b = _selection(x, sa, pa), _selection(x, sb, pb)
     row.routing_agreement = _agreement(sel_a, sel_b, tau)
     failed = not row.max_error <= tol          # NaN fails too
@@ -377,17 +394,17 @@ def print_report(report: VerifyReport, console=None) -> None:
     console = console or make_console()
     console.print(f"[bold]seif verify[/] {report.src} ({report.src_format}) vs {report.dst} "
                   f"({report.dst_format}); {report.tokens} random tokens per layer, seed "
-                  f"{report.seed}, tolerance {report.tolerance:g}; transformers oracle: "
+                  f"{report.seed}, tolerance {_tolerance(report)}; transformers oracle: "
                   f"{'yes' if report.oracle != 'none' else 'no'}")
     table = Table(title="MoE layers")
-    columns = ["layer", "experts", "routing", "max error", "routing agreement"]
+    columns = ["layer", "experts", "routing", "max error", "allowed", "routing agreement"]
     if report.oracle != "none":
         columns += ["vs transformers", "transformers routing"]
     columns += ["status", "notes"]
     for col in columns:
         table.add_column(col)
     for r in report.layers:
-        cells = [str(r.layer), r.experts, r.routing, _fmt(r.max_error),
+        cells = [str(r.layer), r.experts, r.routing, _fmt(r.max_error), _fmt(r.allowed),
                  _fmt(r.routing_agreement, pct=True)]
         if report.oracle != "none":
             cells += [_fmt(r.oracle_error), _fmt(r.oracle_agreement, pct=True)]
@@ -397,9 +414,15 @@ def print_report(report: VerifyReport, console=None) -> None:
     console.print(table)
     if report.ok:
         console.print(f"ok: {len(report.layers)} MoE layers agree within "
-                      f"{report.tolerance:g}")
+                      f"{_tolerance(report)}")
     else:
         console.print(f"FAIL: layer(s) {', '.join(map(str, report.failed))} differ")
+
+
+def _tolerance(report: VerifyReport) -> str:
+    if not report.rtol:
+        return f"{report.tolerance:g}"
+    return f"{report.tolerance:g} + {report.rtol:g} x max|y|"
 
 
 def _friendly(fn):
@@ -417,7 +440,11 @@ def _friendly(fn):
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--tolerance", default=1e-5, show_default=True, type=float,
-              help="Largest absolute output difference allowed per layer.")
+              help="Absolute part of the output difference allowed per layer.")
+@click.option("--rtol", default=1e-5, show_default=True, type=float,
+              help="Relative part: a layer passes when its max abs error is <= tolerance + "
+                   "rtol x max|reference output| (fp32 rounding grows with the output's "
+                   "magnitude and the hidden size); 0 = absolute only.")
 @click.option("--tokens", default=64, show_default=True, type=int,
               help="Random hidden states per layer.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the hidden states.")
@@ -426,12 +453,12 @@ def _friendly(fn):
                    "when torch and transformers are installed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_friendly
-def verify_command(src: Path, dst: Path, tolerance: float, tokens: int, seed: int,
-                   oracle: bool | None, as_json: bool) -> None:
+def verify_command(src: Path, dst: Path, tolerance: float, rtol: float, tokens: int,
+                   seed: int, oracle: bool | None, as_json: bool) -> None:
     """Check that SRC and DST (SEIF checkpoints or transformers directories) compute the same
     MoE layers: per layer, the max abs error of the reference forward on the same random hidden
     states and the routing agreement (tie-aware). Exits 1 when any layer differs."""
-    report = verify(src, dst, tolerance, tokens, seed, oracle=oracle)
+    report = verify(src, dst, tolerance, tokens, seed, oracle=oracle, rtol=rtol)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -205,6 +205,10 @@ FAMILY_CONFIGS.update({
                                projector_input_dim=16, projector_output_dim=16, image_size=28,
                                patch_size=14)}),
 })
+FAMILY_CONFIGS["kimi_k25"] = (
+    {**FAMILY_CONFIGS["deepseek_v3"][0], "routed_scaling_factor": 1.5}, "mlp",
+    {**_VL_LAYERS, "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2)})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -360,6 +364,22 @@ def test_round_trip_is_byte_identical(converted):
     assert s1.keys() == s2.keys()
     for k in s1:
         assert torch.equal(s1[k], s2[k]), k
+
+
+def test_seif_verify_finds_every_block(converted):
+    """`seif verify` on the transformers directory and its SEIF conversion: the oracle (the
+    family's own MoE block, found in the loaded model through the family table, the text
+    decoder of a multimodal wrapper included) runs for every MoE layer and agrees."""
+    from seif.verify import verify
+
+    model_type, _, root, out = converted
+    report = verify(root / "hf", out, tokens=T)
+    assert report.oracle == "transformers"
+    assert report.ok, report.to_dict()
+    for row in report.layers:
+        assert row.oracle_error is not None and row.oracle_error <= row.allowed, row
+        assert row.oracle_error <= 1e-6 * row.scale, row      # fp32 rounding, nothing more
+        assert not row.notes, row
 
 
 def test_dtype_casts_all_but_routers(converted):
@@ -801,3 +821,26 @@ def test_axk2_masks_dropped_groups_to_zero(tmp_path):
     inf = route(logits, dataclasses.replace(layer.routing, group_mask="neg_inf"),
                 params.selection_bias).indices
     assert not np.array_equal(np.sort(zero, -1), np.sort(inf, -1))
+
+
+def test_kimi_k25_published_names(tmp_path):
+    """Kimi-K2.5 publishes its text decoder as `language_model.model.layers`; the installed
+    save_pretrained writes `language_model.model.blocks`. transformers loads both into the same
+    weights; SEIF maps both (keeping each layer's prefix), and the way back is exact."""
+    model = build("kimi_k25", tmp_path / "hf")
+    tensors = _load_dir(tmp_path / "hf")
+    assert any(k.startswith("language_model.model.blocks.") for k in tensors)
+    published = {k.replace("language_model.model.blocks.", "language_model.model.layers."): v
+                 for k, v in tensors.items()}
+    _save_dir(tmp_path / "pub", published, json.loads((tmp_path / "hf" / "config.json")
+                                                      .read_text()))
+    again = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "pub")
+    want = model.state_dict()
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    out = seif.convert.convert(tmp_path / "pub", tmp_path / "m.seif")
+    assert [layer.source_prefix for layer in seif.open(out).layers] == \
+        [f"language_model.model.layers.{i}.mlp" for i in (1, 2)]
+    _assert_layers_match(model, "kimi_k25", out)
+    back = seif.convert.convert(out, tmp_path / "back", target_format="transformers")
+    assert read_all(tmp_path / "pub") == read_all(back)

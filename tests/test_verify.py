@@ -204,3 +204,39 @@ def test_import_needs_no_torch():
     code = ("import sys, seif.verify; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_relative_tolerance(tmp_path):
+    """The allowance is tolerance + rtol * max|reference output|: an error that is tiny
+    relative to large outputs (expert down weights x (1 + 2e-6), outputs ~1e3) fails an
+    absolute-only check (--rtol 0) and passes the default; a real relative change (x (1 +
+    1e-4)) fails either way."""
+    a = small(tmp_path, "a0.seif")
+    specs = seif.open(a).layers
+
+    def scaled(name: str, factor: float) -> Path:
+        def change(tensors):
+            for spec in specs:
+                for e in range(spec.num_experts):
+                    down = spec.expert_name(e, "down")
+                    tensors[down] = (tensors[down] * np.float32(1000.0 * factor)) \
+                        .astype(np.float32)
+        return rewrite(a, tmp_path / name, change)
+
+    big, near, off = scaled("big.seif", 1.0), scaled("near.seif", 1 + 2e-6), \
+        scaled("off.seif", 1 + 1e-4)
+    strict = verify(big, near, rtol=0.0)
+    assert strict.failed == [0, 2]
+    assert all(r.max_error > 1e-5 and r.allowed == 1e-5 for r in strict.layers)
+    report = verify(big, near)
+    assert report.ok and report.rtol == 1e-5
+    for r in report.layers:
+        assert r.scale > 100 and r.allowed == pytest.approx(1e-5 + 1e-5 * r.scale)
+        assert 1e-5 < r.max_error <= r.allowed
+        assert r.routing_agreement == 1.0
+    assert verify(big, off).failed == [0, 2]
+    assert CliRunner().invoke(verify_command, [str(big), str(near)]).exit_code == 0
+    assert CliRunner().invoke(verify_command, [str(big), str(near), "--rtol", "0"]).exit_code == 1
+    assert "rtol" in CliRunner().invoke(verify_command, ["--help"]).output
+    with pytest.raises(VerifyError, match="rtol must be >= 0"):
+        verify(big, near, rtol=-1.0)
