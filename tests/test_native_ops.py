@@ -406,6 +406,25 @@ def test_moe_large_token_count_and_odd_sizes():
     check_moe(layer, p, rng(19).standard_normal((2048, 75)).astype(np.float32))
 
 
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("T", [3, 300])
+def test_moe_gemm_blocks_and_tails(wdtype, T):
+    # The CPU GEMM's paths: a few tokens per expert (weights streamed, K not blocked) and many
+    # (K blocks of 512 with partial sums carried, token blocks of 64); H and I are over 512 and
+    # leave tails of the 16- and 32-wide K steps (1100 = 2*512 + 76, 531 = 512 + 19).
+    layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=1100, I=531, bias=True)
+    p = random_layer_params(layer, rng(40))
+    if wdtype != "float32":
+        p.router_weight = p.router_weight.astype(NP_TYPE[wdtype]).astype(np.float32)
+        assert p.router_bias is None and p.selection_bias is None
+        for d in p.experts:
+            for k in d:
+                d[k] = d[k].astype(NP_TYPE[wdtype]).astype(np.float32)
+    x = rng(41).standard_normal((T, 1100)).astype(np.float32)
+    y = run_moe(layer, p, x, "float32", wdtype)
+    np.testing.assert_allclose(y, moe_forward(x, layer, p), rtol=2e-5, atol=2e-5)
+
+
 def test_moe_nan_rows_and_ties():
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), act="relu")
     p = random_layer_params(layer, rng(20))

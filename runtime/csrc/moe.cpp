@@ -8,9 +8,11 @@
 // by one task in a fixed order, so results do not depend on the number of threads.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 
 #include "seif_kernels.h"
 #include "seif_math.h"
@@ -78,8 +80,10 @@ struct FfnJob {
   float* Y = nullptr;     // [M, H] output
 };
 
-constexpr int64_t kMB = 64;  // token rows per tile
-constexpr int64_t kNB = 64;  // output columns per tile
+// FFN task tiles: up to kMB tokens of one expert times kNB output columns. Large kMB: a task's
+// weight rows are read from memory once for all of its tokens (gemm_nt blocks the tokens itself).
+constexpr int64_t kMB = 256;  // token rows per tile
+constexpr int64_t kNB = 64;   // output columns per tile
 
 const void* offset(const void* p, DType t, int64_t elems) {
   if (!p) return nullptr;
@@ -107,15 +111,18 @@ void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const At
     float* Hout = job.Hbuf + t.m0 * job.I + t.n0;
     gemm_nt(mb, 0, nb, H, X, H, offset(job.w.up, wt, t.n0 * H), wt, H,
             offset(job.w.up_bias, wt, t.n0), Hout, job.I);
-    float g[kMB * kNB];
+    thread_local std::vector<float> gbuf;
+    if (gbuf.size() < static_cast<size_t>(kMB * kNB)) gbuf.resize(static_cast<size_t>(kMB * kNB));
+    float* g = gbuf.data();
     if (gated)
       gemm_nt(mb, 0, nb, H, X, H, offset(job.w.gate, wt, t.n0 * H), wt, H,
               offset(job.w.gate_bias, wt, t.n0), g, nb);
-    for (int64_t m = 0; m < mb; ++m)
-      for (int64_t n = 0; n < nb; ++n) {
-        float& h = Hout[m * job.I + n];
-        h = act1(a.activation, gated ? g[m * nb + n] : 0.0f, h, alpha, limit);
-      }
+    for (int64_t m = 0; m < mb; ++m) {
+      float* h = Hout + m * job.I;
+      if (a.activation == Activation::SwiGLU && swiglu_f64(g + m * nb, h, h, nb)) continue;
+      for (int64_t n = 0; n < nb; ++n)
+        h[n] = act1(a.activation, gated ? g[m * nb + n] : 0.0f, h[n], alpha, limit);
+    }
   });
   tiles.clear();
   for (size_t j = 0; j < jobs.size(); ++j)
@@ -157,6 +164,21 @@ FfnWeights expert_weights(const TensorArg* in, int64_t e, int64_t I, int64_t H, 
   return w;
 }
 
+// A float buffer left uninitialised (every element is written before it is read: zero-filling
+// the gathered tokens, hidden activations and expert outputs would cost a pass over memory), on
+// 64-byte boundaries so that the GEMM's 64-byte row loads do not straddle cache lines.
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using FloatBuf = std::unique_ptr<float[], FreeDeleter>;
+
+FloatBuf uninit(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  return FloatBuf(p);
+}
+
 void parallel_rows(int64_t n, const ParallelFor& pfor, const std::function<void(int64_t)>& f) {
   constexpr int64_t kChunk = 32;
   const int64_t tasks = (n + kChunk - 1) / kChunk;
@@ -192,11 +214,11 @@ void token_choice(const Attrs& a, const TensorArg* in, const float* X, int64_t T
     }
 
   const bool on_input = a.weight_on == WeightOn::Input;
-  std::vector<float> Xg(static_cast<size_t>(nk * H)), Yg(static_cast<size_t>(nk * H));
+  const FloatBuf Xg = uninit(nk * H), Yg = uninit(nk * H);
   parallel_rows(nk, pfor, [&](int64_t r) {
     const int64_t i = src[r];
     const float* x = X + (i / k) * H;
-    float* d = Xg.data() + r * H;
+    float* d = Xg.get() + r * H;
     if (on_input) {
       const float wi = w[i];
       for (int64_t h = 0; h < H; ++h) d[h] = wi * x[h];
@@ -207,17 +229,17 @@ void token_choice(const Attrs& a, const TensorArg* in, const float* X, int64_t T
 
   const int64_t I = in[kUpProj].shape[1];
   std::vector<FfnJob> jobs;
-  std::vector<float> Hbuf(static_cast<size_t>(nk * I));
+  const FloatBuf Hbuf = uninit(nk * I);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t M = start[e + 1] - start[e];
     if (!M) continue;
     FfnJob j;
     j.w = expert_weights(in, e, I, H, false);
     j.I = I;
-    j.X = Xg.data() + start[e] * H;
+    j.X = Xg.get() + start[e] * H;
     j.M = M;
-    j.Hbuf = Hbuf.data() + start[e] * I;
-    j.Y = Yg.data() + start[e] * H;
+    j.Hbuf = Hbuf.get() + start[e] * I;
+    j.Y = Yg.get() + start[e] * H;
     jobs.push_back(j);
   }
   run_ffn_jobs(jobs, H, in[kUpProj].dtype, a, pfor);
@@ -230,7 +252,7 @@ void token_choice(const Attrs& a, const TensorArg* in, const float* X, int64_t T
       const int64_t i = t * k + j;
       const float wi = w[i];
       if (row_of[i] >= 0) {
-        const float* y = Yg.data() + row_of[i] * H;
+        const float* y = Yg.get() + row_of[i] * H;
         if (on_input)
           for (int64_t h = 0; h < H; ++h) o[h] += y[h];
         else

@@ -123,7 +123,14 @@ void topk_lowest_index(const float* v, int64_t n, int64_t k, int64_t* out);
 // or null; C float32 (ldc). K is summed in a fixed blocked order (deterministic).
 void gemm_nt(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
              const void* B, DType bt, int64_t ldb, const void* bias, float* C, int64_t ldc);
-const char* gemm_isa();  // "avx2" or "generic": which kernel gemm_nt dispatches to
+// Which kernels gemm_nt dispatches to: "avx512,f16:avx2" (float16 weights: AVX2), "avx2" or
+// "generic".
+const char* gemm_isa();
+
+// h[i] = (g * sigmoid(g)) * up[i], g = gate[i], for i < n: SwiGLU in float64 (exp within a few
+// ulp of the correctly rounded one), rounded once to float32. h may alias up. Runs only where
+// the AVX-512 build is usable and returns true; false: nothing done, use the scalar path.
+bool swiglu_f64(const float* gate, const float* up, float* h, int64_t n);
 
 // ----------------------------------------------------------------------------- MoE
 struct TensorArg {
