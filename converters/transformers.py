@@ -806,6 +806,18 @@ FAMILIES["llama4"] = dataclasses.replace(
           "projector dense")
 
 
+# DeepSeek-OCR-2 / Unlimited-OCR: DeepseekV2TopkRouter / Experts / Moe verbatim (class sources
+# identical but for names) in a text decoder published at model.layers (in memory
+# model.language_model.layers); MoE per mlp_layer_types.
+for _t in ("deepseek_ocr2", "unlimited_ocr"):
+    FAMILIES[_t] = dataclasses.replace(
+        FAMILIES["deepseek_v2"], model_type=_t, is_moe_layer=_sparse_by_type,
+        module="model.language_model.layers.{l}.mlp", sub_config="text_config",
+        automodel="AutoModelForImageTextToText",
+        notes="as deepseek_v2, in the text decoder (published at model.layers); MoE where "
+              "mlp_layer_types[l] == 'sparse'; SAM and vision encoders, projector dense")
+
+
 def _kimi_k25_check(cfg: Any) -> None:
     if cfg.model_type != "deepseek_v3":
         raise ConversionError(f"kimi_k25 with a {cfg.model_type!r} text model: only its "

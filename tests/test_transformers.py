@@ -209,6 +209,19 @@ FAMILY_CONFIGS["kimi_k25"] = (
     {**FAMILY_CONFIGS["deepseek_v3"][0], "routed_scaling_factor": 1.5}, "mlp",
     {**_VL_LAYERS, "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                   num_attention_heads=2)})
+_OCR_VISION = {"sam_config": dict(hidden_size=16, output_channels=16, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=64, patch_size=16,
+                                  global_attn_indexes=[1], window_size=2, mlp_dim=16,
+                                  downsample_channels=[16, 32]),
+               "encoder_config": dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2,
+                                      vocab_size=64)}
+for _t, _method in (("deepseek_ocr2", "group_limited_greedy"), ("unlimited_ocr", "greedy")):
+    FAMILY_CONFIGS[_t] = (
+        {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": _method,
+         **({} if _method != "greedy" else {"n_group": None, "topk_group": None}),
+         "mlp_layer_types": ["dense", "sparse", "sparse"]}, "mlp",
+        {**_VL_LAYERS, "vision": _OCR_VISION})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
