@@ -299,6 +299,15 @@ def _axk2_routing(cfg: Any) -> RoutingSpec:
                        group_mask="zero", **common)
 
 
+def _sigmoid_biased(cfg: Any, *, epsilon: float = 0.0, scale: float = 1.0) -> RoutingSpec:
+    """MiniMax-M2, HY-V3: sigmoid of the logits; choice = sigmoid + a block-level selection
+    bias (weights from the unbiased sigmoid); no groups; weights / (sum + epsilon), always;
+    x scale."""
+    return RoutingSpec(kind="topk", top_k=int(cfg.num_experts_per_tok), scoring="sigmoid",
+                       selection_bias=True, normalize="sum", epsilon=epsilon,
+                       epsilon_rule="add", scale=scale, training=_training(cfg))
+
+
 def _flint_routing(cfg: Any) -> RoutingSpec:
     """FlintTopKRouter: fp32 logits, sigmoid, top-k of the sigmoid (no selection bias, no
     groups), divided by their plain sum (no epsilon) when norm_topk_prob; no scaling."""
@@ -604,6 +613,35 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         automodel="AutoModelForImageTextToText",
         notes="text decoder (model.language_model), every layer MoE: softmax, top-k, always "
               "renormalized; shared expert x sigmoid(shared gate); vision tower dense",
+    ),
+    Family(
+        model_type="minimax_m2",
+        block="model.layers.{l}.block_sparse_moe",
+        num_experts=lambda c: c.num_local_experts,
+        routing=_sigmoid_biased,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        experts={"gate": "experts.{e}.w1", "up": "experts.{e}.w3", "down": "experts.{e}.w2"},
+        selection_bias="e_score_correction_bias",
+        notes="sigmoid, top-k, selection bias (block-level e_score_correction_bias), always "
+              "renormalized (no epsilon); Mixtral names on disk; every layer MoE",
+    ),
+    Family(
+        model_type="hy_v3",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=lambda c: _sigmoid_biased(c, epsilon=1e-20,
+                                          scale=float(c.router_scaling_factor)),
+        expert_ffn=lambda c: (_no_mlp_bias(c), FFNSpec(c.moe_intermediate_size,
+                                                       _activation(c)))[1],
+        is_moe_layer=_sparse_by_type,
+        router="router.gate",
+        selection_bias="expert_bias",
+        shared_module="shared_mlp",
+        shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.num_shared_experts,
+                                     _activation(c)),
+        notes="fp32 router (router.gate), sigmoid, top-k, selection bias (expert_bias), "
+              "renormalized (+1e-20), x router_scaling_factor; an ungated shared MLP "
+              "(shared_mlp); MoE where mlp_layer_types[l] == 'sparse'",
     ),
     # Qwen-style routers in text models.
     Family(

@@ -222,6 +222,15 @@ for _t, _method in (("deepseek_ocr2", "group_limited_greedy"), ("unlimited_ocr",
          **({} if _method != "greedy" else {"n_group": None, "topk_group": None}),
          "mlp_layer_types": ["dense", "sparse", "sparse"]}, "mlp",
         {**_VL_LAYERS, "vision": _OCR_VISION})
+FAMILY_CONFIGS.update({
+    "minimax_m2": (dict(intermediate_size=16, num_local_experts=6, num_experts_per_tok=2,
+                        head_dim=8), "mlp",
+                   {"route": lambda b, x: b.gate(x, b.e_score_correction_bias)[1:]}),
+    "hy_v3": (dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                   num_experts_per_tok=2, num_shared_experts=2, router_scaling_factor=2.2,
+                   head_dim=8, **_SPARSE_FROM_1), "mlp",
+              {"route": lambda b, x: b.gate(x, b.e_score_correction_bias)[1:]}),
+})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
