@@ -308,6 +308,26 @@ def _sigmoid_biased(cfg: Any, *, epsilon: float = 0.0, scale: float = 1.0) -> Ro
                        epsilon_rule="add", scale=scale, training=_training(cfg))
 
 
+def _laguna_routing(cfg: Any) -> RoutingSpec:
+    """LagunaTopKRouter + LagunaSparseMoeBlock: sigmoid, selection bias, top-k, / sum (no
+    epsilon); the block multiplies the routed output by moe_routed_scaling_factor (= scaling
+    the weights). A router logit softcap has no SEIF field: refused."""
+    if float(cfg.moe_router_logit_softcapping or 0.0) > 0.0:
+        raise ConversionError(f"laguna with moe_router_logit_softcapping="
+                              f"{cfg.moe_router_logit_softcapping}: SEIF 1.0 has no router "
+                              "logit softcap")
+    return _sigmoid_biased(cfg, scale=float(cfg.moe_routed_scaling_factor))
+
+
+def _kolibri1_routing(cfg: Any) -> RoutingSpec:
+    """Kolibri1TopKRouter: fp32 logits; top-k of logits + selection bias; weights = sigmoid
+    of the k unbiased logits, / their sum (no epsilon) if norm_topk_prob."""
+    norm = bool(cfg.norm_topk_prob)
+    return RoutingSpec(kind="topk", top_k=int(cfg.num_experts_per_tok), scoring="sigmoid_topk",
+                       selection_bias=True, normalize="sum" if norm else "none",
+                       training=_training(cfg))
+
+
 def _flint_routing(cfg: Any) -> RoutingSpec:
     """FlintTopKRouter: fp32 logits, sigmoid, top-k of the sigmoid (no selection bias, no
     groups), divided by their plain sum (no epsilon) when norm_topk_prob; no scaling."""
@@ -383,7 +403,8 @@ class Family:
     router: str = "gate"
     experts: dict[str, str] = field(default_factory=lambda: dict(_GATE_UP_DOWN))
     router_bias: str | None = None            # full tensor suffix, e.g. "gate.bias"
-    selection_bias: str | None = None         # e.g. "gate.e_score_correction_bias"
+    selection_bias: str | None = None         # e.g. "gate.e_score_correction_bias"; with {l}:
+    #                                           an absolute template (outside the block)
     shared_module: str | None = None
     shared: dict[str, str] = field(default_factory=lambda: dict(_SHARED_GATE_UP_DOWN))
     shared_ffn: Callable[[Any], FFNSpec] | None = None
@@ -642,6 +663,33 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         notes="fp32 router (router.gate), sigmoid, top-k, selection bias (expert_bias), "
               "renormalized (+1e-20), x router_scaling_factor; an ungated shared MLP "
               "(shared_mlp); MoE where mlp_layer_types[l] == 'sparse'",
+    ),
+    Family(
+        model_type="laguna",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_laguna_routing,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=_sparse_by_type,
+        selection_bias="experts.e_score_correction_bias",      # as published
+        shared_module="shared_expert",
+        shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+        notes="sigmoid, top-k, selection bias (experts.e_score_correction_bias on disk), "
+              "renormalized (no epsilon), x moe_routed_scaling_factor; an ungated shared "
+              "expert; MoE where mlp_layer_types[l] == 'sparse'; router logit softcap refused",
+    ),
+    Family(
+        model_type="kolibri1",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_kolibri1_routing,
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        selection_bias="model.layers.{l}.moe.router.expert_bias",     # as published
+        shared_module="shared_experts",
+        shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+        notes="fp32 router; top-k of logits + selection bias (moe.router.expert_bias), "
+              "sigmoid of the k unbiased logits, renormalized if norm_topk_prob; an ungated "
+              "shared MLP; every layer MoE",
     ),
     # Qwen-style routers in text models.
     Family(
@@ -1084,7 +1132,7 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
         mapping[f"{block}.{family.router_bias or family.router + '.bias'}"] = \
             layer.router_name("bias")
     if family.selection_bias and layer.routing.selection_bias:
-        mapping[f"{block}.{family.selection_bias}"] = layer.router_name("selection_bias")
+        mapping[_selection_bias_source(family, block, li)] = layer.router_name("selection_bias")
     splits: list[_Split] = []
     parts = ("weight", "bias") if ffn.bias else ("weight",)
     stacked = {(p, r.part) for r in rules for p in r.projs}
@@ -1124,6 +1172,15 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
         if shared.gate:
             mapping[f"{block}.{family.shared_gate}"] = layer.shared_gate_name()
     return mapping, splits
+
+
+def _selection_bias_source(family: Family, block: str, li: int) -> str:
+    """The selection bias's source name: `family.selection_bias` under the block, or, as a
+    template with {l}, an absolute name (Kolibri-1: `model.layers.{l}.moe.router.expert_bias`
+    next to a block at `model.layers.{l}.mlp`)."""
+    if "{l}" in family.selection_bias:
+        return family.selection_bias.format(l=li)
+    return f"{block}.{family.selection_bias}"
 
 
 def _resolve(rule: Stacked, source: str, transposed: Collection[str]) -> Stacked:
@@ -1338,7 +1395,7 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
                                       field=sp.source)
             splits[sp.source] = sp
         if family.selection_bias and layer.routing.selection_bias:
-            src = f"{block}.{family.selection_bias}"
+            src = _selection_bias_source(family, block, li)
             want = tuple(family.selection_bias_lead) + (E,)
             if sources[src].shape != want:
                 raise ConversionError(f"selection bias has shape {list(sources[src].shape)}, "

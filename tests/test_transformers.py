@@ -231,6 +231,16 @@ FAMILY_CONFIGS.update({
                    head_dim=8, **_SPARSE_FROM_1), "mlp",
               {"route": lambda b, x: b.gate(x, b.e_score_correction_bias)[1:]}),
 })
+FAMILY_CONFIGS.update({
+    "laguna": (dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                    num_experts_per_tok=2, shared_expert_intermediate_size=24,
+                    moe_routed_scaling_factor=1.8, head_dim=8, **_SPARSE_FROM_1), "mlp",
+               # the block, not the router, scales the routed output
+               {"route": lambda b, x: (b.gate(x)[1] * b.routed_scaling_factor, b.gate(x)[2])}),
+    "kolibri1": (dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                      num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8),
+                 "mlp"),
+})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -470,6 +480,8 @@ def test_unsupported_family_is_refused(tmp_path):
      "stores its experts stacked"),
     ("phimoe", {"num_experts_per_tok": 3}, "always picks exactly 2"),
     ("ernie4_5_moe", {"use_bias": True}, "use_bias=True is not supported"),
+    ("laguna", {"moe_router_logit_softcapping": 30.0}, "no router logit softcap"),
+    ("hy_v3", {"mlp_bias": True}, "mlp_bias=True is not supported"),
 ])
 def test_unsupported_config_is_refused(tmp_path, model_type, edit, match):
     build(model_type, tmp_path / "hf")
