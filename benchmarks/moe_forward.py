@@ -477,10 +477,24 @@ def bench_block(shape: Shape, module, dtype_name: str, tokens: Sequence[int],
                                             min_reps, flush=flush)
             row["times"][impl.name], row["reps"][impl.name] = seconds, reps
             row["best"][impl.name] = best
+            if impl.name == "SEIF torch":
+                row["dispatch"] = module.last_dispatch
         block["rows"].append(row)
-    block["dispatch"] = module.last_dispatch
+    block["dispatch"] = _dispatch_summary(block["rows"], module.last_dispatch)
     block["load_after"] = load()
     return block
+
+
+def _dispatch_summary(rows: list[dict], last: str | None) -> str | None:
+    """SEIF torch's dispatch per T ("grouped_mm (T=1, 4), per_expert+onednn (T=64)"): the
+    module chooses it per call from the rows per expert; one name when every T used it."""
+    by: dict[str, list[str]] = {}
+    for row in rows:
+        if "dispatch" in row:
+            by.setdefault(str(row["dispatch"]), []).append(str(row["T"]))
+    if len(by) <= 1:
+        return next(iter(by), last)
+    return ", ".join(f"{name} (T={', '.join(ts)})" for name, ts in by.items())
 
 
 # =========================================================================== the run

@@ -19,7 +19,8 @@ each expert's rows are contiguous; outputs are weighted and accumulated into the
 and dtype, probed once; CPU float32 / bf16 / fp16 in torch 2.13 need 16-byte aligned row
 strides) or expert by expert over the active experts only ("per_expert"), where each matmul
 picks its kernel from its row count (MKL GEMV/GEMM for 1-3 rows, oneDNN from 4 rows in float32:
-"per_expert+onednn"). By default the choice is made per call from the shapes (`_dispatch`).
+"per_expert+onednn"). By default the choice is made per call from the dtype and the rows per
+expert (`_dispatch`).
 
     moe = seif.converters.torch.load_layer("mixtral.seif", 0)      # nn.Module
     y = moe(hidden_states)                                         # [T, H] or [B, S, H]
@@ -181,10 +182,11 @@ class SparseMoE(nn.Module):
     `down_proj` [E, H, I] (+ `*_bias`), shared experts `shared_gate_proj` / `shared_up_proj`
     [n, I_s, H], `shared_down_proj` [n, H, I_s] (+ biases) and `shared_expert_gate` [1, H].
 
-    `grouped_mm`: None chooses per call from the shapes (`_dispatch`: on CPU the per-expert loop
-    unless the experts are tiny), True forces `torch._grouped_mm` where supported (see
-    `grouped_mm_supported`), False forces the per-expert loop. `last_dispatch` says which ran
-    last ("grouped_mm", "per_expert", or "per_expert+onednn" when some expert used oneDNN).
+    `grouped_mm`: None chooses per call (`_dispatch`: on CPU the per-expert loop for float32
+    experts with 4+ rows on average, else grouped), True forces `torch._grouped_mm` where
+    supported (see `grouped_mm_supported`), False forces the per-expert loop. `last_dispatch`
+    says which ran last: "grouped_mm", "per_expert", or "per_expert+onednn" (some expert of
+    the loop used oneDNN).
     `return_router_logits` makes forward return `(out, router_logits)` (the calling convention
     of some transformers decoder layers).
     """
@@ -451,17 +453,18 @@ class SparseMoE(nn.Module):
         g = proj("gate", xs) if ffn.gated else None
         return proj("down", _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt))
 
-    def _dispatch(self, cdt: torch.dtype, device: torch.device) -> str:
-        """"grouped_mm" or "per_expert", from the `grouped_mm` setting and the shapes.
+    def _dispatch(self, cdt: torch.dtype, device: torch.device, counts: torch.Tensor) -> str:
+        """"grouped_mm" or "per_expert", from the `grouped_mm` setting, the dtype and the rows
+        per expert (`counts`) of this call.
 
-        Auto (`grouped_mm=None`): on CPU `torch._grouped_mm` runs one `mm` per expert, the same
-        kernel the loop calls, but it visits every expert (empty ones too) and its kernel
-        cannot be chosen per expert; the loop visits active experts only and picks the faster
-        kernel for each (see `_linear`), which measured 1.1-1.4x faster for the benchmark's
-        layers (benchmarks/README.md). Where one expert's projections are tiny (under
-        `GROUPED_MAX_EXPERT_ELEMENTS` weights) a Python call per expert costs more than the
-        matmul itself, so one grouped call per projection wins; other devices (CUDA) have a
-        real grouped kernel and always use it."""
+        Auto (`grouped_mm=None`) on CPU: `torch._grouped_mm` runs one `mm` per expert there,
+        the kernel the loop's F.linear runs too, with one Python call per projection instead
+        of about ten per active expert (4-10% faster where experts get 1-3 rows; measured with
+        benchmarks.moe_forward). The loop wins only where it can pick a faster kernel: float32
+        experts with `ONEDNN_MIN_ROWS`+ rows on average, where oneDNN beats MKL (see
+        `_linear`; deepseek T=64 / 256 / 1024 1.2-1.5x). bf16 has no such kernel (F.linear in
+        bf16 already runs oneDNN), so bf16 stays grouped. Other devices (CUDA) have a real
+        grouped kernel and always use it."""
         if self.grouped_mm is False:
             return "per_expert"
         I, H = self.spec.experts.intermediate_size, self.spec.hidden_size
@@ -471,7 +474,11 @@ class SparseMoE(nn.Module):
             return "per_expert"
         if self.grouped_mm or device.type != "cpu" or I * H <= GROUPED_MAX_EXPERT_ELEMENTS:
             return "grouped_mm"
-        return "per_expert"
+        if cdt != torch.float32 or not onednn_linear_supported(device, cdt):
+            return "grouped_mm"
+        active = int(torch.count_nonzero(counts))
+        rows = int(counts.sum())
+        return "per_expert" if rows >= ONEDNN_MIN_ROWS * active else "grouped_mm"
 
     def _experts(self, xs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Routed experts on rows xs [N, H] (float32) sorted by `experts` [N] -> [N, H] f32."""
@@ -494,7 +501,7 @@ class SparseMoE(nn.Module):
             return out
         cdt = self._cdt()
         counts = torch.bincount(experts, minlength=E)
-        if self._dispatch(cdt, x.device) == "grouped_mm":
+        if self._dispatch(cdt, x.device, counts) == "grouped_mm":
             xs = x[tokens]
             if on_input and ws is not None:
                 xs = ws * xs

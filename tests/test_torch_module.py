@@ -100,26 +100,36 @@ def test_matches_reference(case, grouped):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 3, 200])
 def test_auto_dispatch_on_larger_experts(dtype, tokens):
-    """Experts over GROUPED_MAX_EXPERT_ELEMENTS run the per-expert loop on CPU (1-row experts
-    through F.linear, larger ones through oneDNN in fp32), in both dtypes, matching the
-    reference and the grouped dispatch."""
+    """Experts over GROUPED_MAX_EXPERT_ELEMENTS: auto takes the per-expert loop (oneDNN) for
+    float32 experts with ONEDNN_MIN_ROWS+ rows on average, else torch._grouped_mm; the loop and
+    the grouped dispatch agree with each other and (fp32) with the reference."""
     spec = layer(RoutingSpec("topk", 2, "softmax", normalize="sum"), h=256, i=512, e=4)
     assert spec.experts.intermediate_size * spec.hidden_size > st.GROUPED_MAX_EXPERT_ELEMENTS
     params = build(spec, seed=7)
-    x = np.random.default_rng(8).standard_normal((tokens, 256)).astype(np.float32)
-    module = st.SparseMoE.from_params(spec, params, dtype)
-    got = module(torch.from_numpy(x).to(dtype)).float().numpy()
-    onednn = dtype == torch.float32 and tokens >= 2 * st.ONEDNN_MIN_ROWS \
-        and st.onednn_linear_supported("cpu", dtype)
-    assert module.last_dispatch == ("per_expert+onednn" if onednn else "per_expert")
+    x = torch.from_numpy(
+        np.random.default_rng(8).standard_normal((tokens, 256)).astype(np.float32)).to(dtype)
+    outs = {}
+    for grouped in (None, True, False):
+        module = st.SparseMoE.from_params(spec, params, dtype, grouped_mm=grouped)
+        outs[grouped] = module(x).float().numpy()
+        if grouped is None:
+            auto = module.last_dispatch
+        if grouped is False:       # 2 tokens per expert on average at T=200 (k=2, E=4): 100
+            onednn = dtype == torch.float32 and tokens == 200 \
+                and st.onednn_linear_supported("cpu", dtype)
+            assert module.last_dispatch == ("per_expert+onednn" if onednn else "per_expert")
+    if not st.grouped_mm_supported("cpu", dtype):
+        assert auto.startswith("per_expert")
+    elif dtype == torch.float32 and tokens == 200 and st.onednn_linear_supported("cpu", dtype):
+        assert auto == "per_expert+onednn"
+    else:
+        assert auto == "grouped_mm"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for out in outs.values():
+        np.testing.assert_allclose(out, outs[False], rtol=0, atol=tol)
     if dtype == torch.float32:
-        np.testing.assert_allclose(got, moe_forward(x, spec, params), rtol=0, atol=1e-5)
-    if st.grouped_mm_supported("cpu", dtype):
-        grouped = st.SparseMoE.from_params(spec, params, dtype, grouped_mm=True)
-        ref = grouped(torch.from_numpy(x).to(dtype)).float().numpy()
-        assert grouped.last_dispatch == "grouped_mm"
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+        np.testing.assert_allclose(outs[None], moe_forward(x.numpy(), spec, params), rtol=0,
+                                   atol=1e-5)
 
 
 def test_onednn_linear_matches_f_linear():
