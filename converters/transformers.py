@@ -328,6 +328,27 @@ def _kolibri1_routing(cfg: Any) -> RoutingSpec:
                        training=_training(cfg))
 
 
+def _cohere2_moe_routing(cfg: Any) -> RoutingSpec:
+    """Cohere2MoeTopKRouter: top-k of the raw logits; expert_selection_fn "softmax": softmax
+    over the k (norm_topk_prob unused); "sigmoid": sigmoid of the k, / their sum (no epsilon)
+    if norm_topk_prob. Cohere2MoeSparseMoeBlock's "average" of routed and shared outputs has
+    no SEIF field: refused."""
+    if int(cfg.num_shared_experts or 0) > 0 and cfg.shared_expert_combination_strategy != "sum":
+        raise ConversionError(f"cohere2_moe with shared_expert_combination_strategy="
+                              f"{cfg.shared_expert_combination_strategy!r}: SEIF adds the shared "
+                              "output to the routed one; averaging them has no SEIF field")
+    fn = cfg.expert_selection_fn
+    k = int(cfg.num_experts_per_tok)
+    if fn == "softmax":
+        return RoutingSpec(kind="topk", top_k=k, scoring="softmax_topk", training=_training(cfg))
+    if fn == "sigmoid":
+        return RoutingSpec(kind="topk", top_k=k, scoring="sigmoid_topk",
+                           normalize="sum" if cfg.norm_topk_prob else "none",
+                           training=_training(cfg))
+    raise ConversionError(f"cohere2_moe expert_selection_fn {fn!r} (the installed code defines "
+                          "softmax and sigmoid)")
+
+
 def _flint_routing(cfg: Any) -> RoutingSpec:
     """FlintTopKRouter: fp32 logits, sigmoid, top-k of the sigmoid (no selection bias, no
     groups), divided by their plain sum (no epsilon) when norm_topk_prob; no scaling."""
@@ -690,6 +711,35 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         notes="fp32 router; top-k of logits + selection bias (moe.router.expert_bias), "
               "sigmoid of the k unbiased logits, renormalized if norm_topk_prob; an ungated "
               "shared MLP; every layer MoE",
+    ),
+    Family(
+        model_type="afmoe",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=lambda c: _sigmoid_biased(c, epsilon=1e-20, scale=float(c.route_scale)),
+        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+        is_moe_layer=lambda c, layer: layer >= c.num_dense_layers,
+        router="router.gate",
+        selection_bias="expert_bias",
+        shared_module="shared_experts",
+        shared_ffn=lambda c: (FFNSpec(c.moe_intermediate_size * c.num_shared_experts,
+                                      _activation(c)) if c.num_shared_experts else None),
+        notes="fp32 sigmoid (router.gate), top-k, selection bias (block-level expert_bias), "
+              "renormalized (+1e-20), x route_scale; ungated shared experts; num_dense_layers",
+    ),
+    Family(
+        model_type="cohere2_moe",
+        block="model.layers.{l}.mlp",
+        num_experts=lambda c: c.num_experts,
+        routing=_cohere2_moe_routing,
+        expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c)),
+        is_moe_layer=lambda c, layer: c.mlp_layer_types[layer] != "dense",
+        shared_module="shared_experts",
+        shared_ffn=lambda c: (FFNSpec(c.intermediate_size * c.num_shared_experts,
+                                      _activation(c)) if c.num_shared_experts else None),
+        notes="top-k of logits, softmax over the k (or sigmoid of the k, renormalized if "
+              "norm_topk_prob); shared experts added (\"sum\"; \"average\" refused); MoE "
+              "where mlp_layer_types[l] != 'dense'",
     ),
     # Qwen-style routers in text models.
     Family(

@@ -241,6 +241,18 @@ FAMILY_CONFIGS.update({
                       num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8),
                  "mlp"),
 })
+FAMILY_CONFIGS.update({
+    "afmoe": (dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                   num_experts_per_tok=2, num_shared_experts=2, route_scale=1.7,
+                   num_dense_layers=1, head_dim=8, global_attn_every_n_layers=2), "mlp",
+              {"route": lambda b, x: b.router(x[None], b.expert_bias)[1:]}),
+    "cohere2_moe": (dict(intermediate_size=16, prefix_dense_intermediate_size=48, num_experts=6,
+                         num_experts_per_tok=2, num_shared_experts=1,
+                         shared_expert_combination_strategy="sum", head_dim=8,
+                         **_SPARSE_FROM_1), "mlp"),
+})
+FAMILY_CONFIGS["cohere2_moe-sigmoid"] = ({**FAMILY_CONFIGS["cohere2_moe"][0],
+                                          "expert_selection_fn": "sigmoid"}, "mlp")
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -482,6 +494,7 @@ def test_unsupported_family_is_refused(tmp_path):
     ("ernie4_5_moe", {"use_bias": True}, "use_bias=True is not supported"),
     ("laguna", {"moe_router_logit_softcapping": 30.0}, "no router logit softcap"),
     ("hy_v3", {"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ("cohere2_moe", {"shared_expert_combination_strategy": "average"}, "averaging them"),
 ])
 def test_unsupported_config_is_refused(tmp_path, model_type, edit, match):
     build(model_type, tmp_path / "hf")
