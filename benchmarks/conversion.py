@@ -9,13 +9,19 @@ synthetic sharded checkpoint, in the same run, so the table holds ratios, not ab
 - seif: `seif convert SRC DST` (streams tensor by tensor, hashes while writing, fsyncs).
 
 The page cache is warm for every method (the source was just written); that favours no method.
+Before every timed run, `sync` flushes what earlier steps left dirty (otherwise the kernel's
+background writeback of the freshly written source lands in whichever method runs ~30 s
+later), and the previous output is deleted (its page cache freed). Each method runs
+`--repeats` times, in rotating order; the table gives the median.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -63,20 +69,27 @@ def source_bytes(src: Path) -> int:
     return sum(f.stat().st_size for f in src.iterdir() if f.suffix == ".safetensors")
 
 
-def bench_family(src: Path, work: Path) -> list[Measurement]:
+def bench_family(src: Path, work: Path, repeats: int = 3) -> list[Measurement]:
+    """Median of `repeats` runs per method (rotating order); the last seif output is kept
+    (work/x.seif) for the expert-read measurement."""
     nbytes = source_bytes(src)
     seif_bin = str(Path(sys.executable).with_name("seif"))
-    out = []
-    copy = work / "cp"
-    out.append(timed("cp -r + sync", ["sh", "-c", f'cp -r "{src}" "{copy}" && sync "{copy}"/*'],
-                     nbytes))
-    out.append(timed("naive load_file+save_file", [sys.executable, "-c", NAIVE, str(src),
-                                                    str(work / "naive")], nbytes))
-    out.append(timed("seif convert", [seif_bin, "convert", str(src), str(work / "x.seif")],
-                     nbytes))
+    copy, naive, seif_out = work / "cp", work / "naive", work / "x.seif"
+    methods = [
+        ("cp -r + sync", copy, ["sh", "-c", f'cp -r "{src}" "{copy}" && sync "{copy}"/*']),
+        ("naive load_file+save_file", naive, [sys.executable, "-c", NAIVE, str(src), str(naive)]),
+        ("seif convert", seif_out, [seif_bin, "convert", str(src), str(seif_out)]),
+    ]
+    runs: dict[str, list[Measurement]] = {name: [] for name, _, _ in methods}
+    for r in range(repeats):
+        for name, out, command in methods[r % 3:] + methods[:r % 3]:
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            runs[name].append(timed(name, command, nbytes))
     shutil.rmtree(copy)
-    shutil.rmtree(work / "naive")
-    return out
+    shutil.rmtree(naive)
+    return [Measurement(name, statistics.median(m.seconds for m in ms),
+                        max(m.peak_rss_mb for m in ms), nbytes) for name, ms in runs.items()]
 
 
 def bench_expert_read(path: Path) -> dict:
@@ -97,7 +110,7 @@ def bench_expert_read(path: Path) -> dict:
     return {"expert_bytes": one_b, "layer_bytes": all_b, "expert_s": one_s, "layer_s": all_s}
 
 
-def run(size_gb: float, work: Path, keep: bool = False) -> dict:
+def run(size_gb: float, work: Path, keep: bool = False, repeats: int = 3) -> dict:
     from benchmarks.synthetic import write_checkpoint
 
     # Shapes: DeepSeek-like (E=64, k=6, H=2048, I=1408) and Mixtral-like (E=8, k=2),
@@ -122,7 +135,7 @@ def run(size_gb: float, work: Path, keep: bool = False) -> dict:
                       (32000 if size_gb >= 0.1 else 1000) * dims["hidden"] * 2)
         fam_work = work / family
         fam_work.mkdir()
-        measurements = bench_family(src, fam_work)
+        measurements = bench_family(src, fam_work, repeats)
         reads = bench_expert_read(fam_work / "x.seif")
         results[family] = {"layers": layers, "source_bytes": source_bytes(src),
                            "largest_tensor_bytes": largest,
@@ -162,9 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.0, help="per family (default 2)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/seif-bench"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method (median)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    results = run(args.size_gb, args.work)
+    results = run(args.size_gb, args.work, repeats=args.repeats)
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

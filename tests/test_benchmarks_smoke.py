@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 def test_conversion_benchmark_smoke(tmp_path):
     from benchmarks.conversion import print_table, run
 
-    results = run(0.01, tmp_path / "bench")
+    results = run(0.01, tmp_path / "bench", repeats=2)
     for family in ("deepseek_v3", "mixtral"):
         r = results[family]
         assert [m["method"] for m in r["methods"]] == ["cp -r + sync",
