@@ -183,10 +183,10 @@ class SparseMoE(nn.Module):
     [n, I_s, H], `shared_down_proj` [n, H, I_s] (+ biases) and `shared_expert_gate` [1, H].
 
     `grouped_mm`: None chooses per call (`_dispatch`: on CPU the per-expert loop for float32
-    experts with 4+ rows on average, else grouped), True forces `torch._grouped_mm` where
-    supported (see `grouped_mm_supported`), False forces the per-expert loop. `last_dispatch`
-    says which ran last: "grouped_mm", "per_expert", or "per_expert+onednn" (some expert of
-    the loop used oneDNN).
+    experts with 4+ rows on average, bf16 with 32+, else grouped), True forces
+    `torch._grouped_mm` where supported (see `grouped_mm_supported`), False forces the
+    per-expert loop. `last_dispatch` says which ran last: "grouped_mm", "per_expert", or
+    "per_expert+onednn" (some expert of the loop used oneDNN).
     `return_router_logits` makes forward return `(out, router_logits)` (the calling convention
     of some transformers decoder layers).
     """
@@ -462,9 +462,10 @@ class SparseMoE(nn.Module):
         of about ten per active expert (4-10% faster where experts get 1-3 rows; measured with
         benchmarks.moe_forward). The loop wins only where it can pick a faster kernel: float32
         experts with `ONEDNN_MIN_ROWS`+ rows on average, where oneDNN beats MKL (see
-        `_linear`; deepseek T=64 / 256 / 1024 1.2-1.5x). bf16 has no such kernel (F.linear in
-        bf16 already runs oneDNN), so bf16 stays grouped. Other devices (CUDA) have a real
-        grouped kernel and always use it."""
+        `_linear`; deepseek T=64 / 256 / 1024 1.2-1.5x), and experts with `LOOP_MIN_ROWS`+
+        rows in other dtypes: bf16 F.linear runs oneDNN already, yet `_grouped_mm`'s bf16 path
+        measured 1.2x slower than it at 96 rows per expert (deepseek T=1024) while 5-8% faster
+        at 6 (T=64). Other devices (CUDA) have a real grouped kernel and always use it."""
         if self.grouped_mm is False:
             return "per_expert"
         I, H = self.spec.experts.intermediate_size, self.spec.hidden_size
@@ -474,11 +475,10 @@ class SparseMoE(nn.Module):
             return "per_expert"
         if self.grouped_mm or device.type != "cpu" or I * H <= GROUPED_MAX_EXPERT_ELEMENTS:
             return "grouped_mm"
-        if cdt != torch.float32 or not onednn_linear_supported(device, cdt):
-            return "grouped_mm"
+        onednn = cdt == torch.float32 and onednn_linear_supported(device, cdt)
+        min_rows = ONEDNN_MIN_ROWS if onednn else LOOP_MIN_ROWS
         active = int(torch.count_nonzero(counts))
-        rows = int(counts.sum())
-        return "per_expert" if rows >= ONEDNN_MIN_ROWS * active else "grouped_mm"
+        return "per_expert" if int(counts.sum()) >= min_rows * active else "grouped_mm"
 
     def _experts(self, xs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Routed experts on rows xs [N, H] (float32) sorted by `experts` [N] -> [N, H] f32."""
@@ -570,6 +570,9 @@ class SparseMoE(nn.Module):
 
 # Experts with at least this many rows use oneDNN's matmul in float32 (see `_linear`).
 ONEDNN_MIN_ROWS = 4
+
+# Other dtypes (bf16, fp16; or float32 without oneDNN): the loop from this many rows on average.
+LOOP_MIN_ROWS = 32
 
 # One expert's [I, H] at or under this many weights: `grouped_mm=None` takes torch._grouped_mm
 # on CPU (a matmul this small takes about as long as the Python call that launches it).
