@@ -942,6 +942,22 @@ FAMILIES["llama4"] = dataclasses.replace(
           "projector dense")
 
 
+# GraniteMoeSWA / GraniteMoeHybrid: router, experts and MoE classes are GraniteMoeShared's
+# verbatim (class sources identical but for names); GraniteMoeHybrid's decoder layers are MoE
+# only when num_local_experts > 0 (else only its shared_mlp, dense).
+FAMILIES["granitemoe_swa"] = dataclasses.replace(
+    FAMILIES["granitemoeshared"], model_type="granitemoe_swa", router="router",
+    stacked=(Stacked("experts.gate_up_proj", ("gate", "up")),
+             Stacked("experts.down_proj", ("down",))),
+    notes="as granitemoeshared, but stored with the in-memory names (no conversion mapping): "
+          "router.weight, experts.gate_up_proj [E, 2I, H] (gate rows then up), "
+          "experts.down_proj [E, H, I]; sliding-window attention dense")
+FAMILIES["granitemoehybrid"] = dataclasses.replace(
+    FAMILIES["granitemoeshared"], model_type="granitemoehybrid",
+    is_moe_layer=lambda c, layer: c.num_local_experts > 0,
+    notes="as granitemoeshared (Mamba layers dense); no MoE layer when num_local_experts == 0")
+
+
 # DeepSeek-OCR-2 / Unlimited-OCR: DeepseekV2TopkRouter / Experts / Moe verbatim (class sources
 # identical but for names) in a text decoder published at model.layers (in memory
 # model.language_model.layers); MoE per mlp_layer_types.

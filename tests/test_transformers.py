@@ -253,6 +253,11 @@ FAMILY_CONFIGS.update({
 })
 FAMILY_CONFIGS["cohere2_moe-sigmoid"] = ({**FAMILY_CONFIGS["cohere2_moe"][0],
                                           "expert_selection_fn": "sigmoid"}, "mlp")
+FAMILY_CONFIGS["granitemoe_swa"] = FAMILY_CONFIGS["granitemoeshared"]
+FAMILY_CONFIGS["granitemoehybrid"] = (
+    {**FAMILY_CONFIGS["granitemoeshared"][0], "layer_types": ["mamba", "attention", "mamba"],
+     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1,
+     "mamba_chunk_size": 8}, *FAMILY_CONFIGS["granitemoeshared"][1:])
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
