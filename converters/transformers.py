@@ -615,6 +615,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                       "mlp_layer_types[l] == 'sparse'",
                       num_experts=lambda c: c.num_local_experts, is_moe_layer=_sparse_by_type,
                       shared_module=None, shared_ffn=None),
+    _like_deepseek_v3("beam", "as deepseek_v3 without shared experts (routed_scaling_factor "
+                      "applied by the block after aggregation: the same); MoE where "
+                      "mlp_layer_types[l] == 'sparse'; its final_logit_softcapping is on the LM "
+                      "head (dense)",
+                      num_experts=lambda c: c.num_experts, is_moe_layer=_sparse_by_type,
+                      shared_module=None, shared_ffn=None),
     _like_deepseek_v3("axk2", "sigmoid, selection bias, group-limited top-k with dropped groups "
                       "masked to 0 (no groups when n_group is null), +1e-20 renormalization, "
                       "routed scaling; shared experts; MoE where mlp_layer_types[l] == 'sparse' "
@@ -992,6 +998,14 @@ REFUSED: dict[str, str] = {
     "jetmoe": "its MoE MLP adds a block-level output bias (JetMoeMoE.bias) that no SEIF "
               "routing or expert field expresses, and its attention is a mixture of attention "
               "experts (MoA: JetMoeMoA), which SEIF does not describe",
+    "axk1": "AXK1MoE passes the MoE output through an RMSNorm (post_mlp_layernorm) inside the "
+            "block; SEIF has no output-norm field (its routing is otherwise DeepSeek-V3's)",
+    "nemotron_h": "NemotronHExperts are ungated (down(act(up(x)))) with mlp_hidden_act, relu2 "
+                  "by default (relu squared), and NemotronHMoE may wrap them in latent "
+                  "projections (moe_latent_size); SEIF 1.0 has neither",
+    "ernie4_5_vl_moe": "each MoE layer holds a text MoE and a vision MoE, chosen per token by "
+                       "its modality (moe_mm_token_type_ids); SEIF describes one router per "
+                       "layer",
     "nllb_moe": "the installed NllbMoeSparseMLP passes the router's one-hot top-1 mask where "
                 "expert indices are expected (so only expert_0 / expert_1 ever run), and its "
                 "top-2 router has capacity positions shared across the two choices, "

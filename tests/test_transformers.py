@@ -258,6 +258,9 @@ FAMILY_CONFIGS["granitemoehybrid"] = (
     {**FAMILY_CONFIGS["granitemoeshared"][0], "layer_types": ["mamba", "attention", "mamba"],
      "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1,
      "mamba_chunk_size": 8}, *FAMILY_CONFIGS["granitemoeshared"][1:])
+FAMILY_CONFIGS["beam"] = (
+    dict(_DEEPSEEK_LIKE, **_SPARSE_FROM_1, num_experts=8, head_dim=8), "mlp",
+    {"route": lambda b, x: (b.gate(x)[1] * b.routed_scaling_factor, b.gate(x)[2])})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -466,7 +469,10 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
 
 
 @pytest.mark.parametrize("model_type,match", [("jetmoe", "output bias.*MoA"),
-                                              ("nllb_moe", "one-hot top-1 mask")])
+                                              ("nllb_moe", "one-hot top-1 mask"),
+                                              ("axk1", "RMSNorm.*inside the block"),
+                                              ("nemotron_h", "relu2.*latent"),
+                                              ("ernie4_5_vl_moe", "modality")])
 def test_known_unsupported_family_says_why(tmp_path, model_type, match):
     src = tmp_path / "hf"
     src.mkdir()
