@@ -11,8 +11,9 @@
 // between blocks, so the result does not depend on the blocking, on M or on the thread count.
 //
 // Blocking: up to kStreamM tokens, no K blocking (each weight row streams once, front to back);
-// above, K blocks of kKC so that the A block (kMC x kKC floats, L2) is reused by every NR-row
-// weight panel (NR x kKC, L1), partial sums in a per-thread buffer.
+// above, K blocks of kKC (kKCBig from kBigM tokens) so that the A block (kMC x kKC floats, L2) is
+// reused by every NR-row weight panel (NR x kKC, copied to L1), partial sums in a per-thread
+// buffer. While the token tiles run over one weight panel, the next one is prefetched into L2.
 //
 // bfloat16 weights: one 64-byte load holds 32 weights; a shift and a mask turn it into the
 // float32 weights of the even and the odd k, with no shuffle. The tokens of each K block are
@@ -37,6 +38,8 @@ namespace {
 constexpr int64_t kMC = 64;      // tokens per block
 constexpr int64_t kNC = 64;      // weight rows per block
 constexpr int64_t kKC = 512;     // K per block (a multiple of 32)
+constexpr int64_t kKCBig = 1024; // K per block from kBigM tokens on (fewer partial-sum passes)
+constexpr int64_t kBigM = 48;
 constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not blocked
 
 // Sum of the 16 lanes in a fixed order: halves, quarters, pairs, then the last two.
@@ -260,8 +263,9 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
   }
   for (int64_t m0 = 0; m0 < M; m0 += kMC) {
     const int64_t mb = std::min(kMC, M - m0);
-    const bool blocked = mb > kStreamM && K > kKC;
-    const int64_t kcb = blocked ? kKC : K;
+    const int64_t kcm = mb >= kBigM ? kKCBig : kKC;
+    const bool blocked = mb > kStreamM && K > kcm;
+    const int64_t kcb = blocked ? kcm : K;
     float* S = blocked ? Sbuf.get(kMC * kNC * 16) : nullptr;
     for (int64_t nc0 = n0; nc0 < n1; nc0 += kNC) {
       const int64_t nb = std::min(kNC, n1 - nc0);
@@ -283,14 +287,14 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
           pack_even_odd(A + m0 * lda, lda, mb, k0, kc, P, ldab);
           Ab = P;
         }
-        // K blocks: while the token tiles run over one weight panel (from L1), the next
-        // panel is prefetched, its rows shared out among the token tiles.
+        // While the token tiles run over one weight panel, the next panel is prefetched, its
+        // rows shared out among the token tiles.
         const int n_mt = static_cast<int>((mb + MR - 1) / MR);
         for (int64_t j0 = 0; j0 < nb;) {
           const int nr = tile_width(nb - j0, NR);
           const char* pf = nullptr;
           int pf_n = 0;
-          if (blocked) {
+          {  // (also with one token tile: the prefetches run ahead across 4 KiB pages)
             if (j0 + nr < nb) {
               pf = static_cast<const char*>(B) + ((nc0 + j0 + nr) * ldb + k0) * esz;
               pf_n = tile_width(nb - j0 - nr, NR);
