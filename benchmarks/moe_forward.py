@@ -12,7 +12,8 @@ gets a better layout for free beyond what its own API demands):
 
 Implementations, each in fp32 and bf16 unless noted:
 
-- SEIF torch: `converters.torch.SparseMoE.from_params` (its own dispatch, `last_dispatch`);
+- SEIF torch: `converters.torch.SparseMoE.from_params` (its own dispatch, chosen per call
+  from the rows per expert: the footer gives `last_dispatch` per T);
 - SEIF ORT: one `ai.seif.SeifMoE` node run by ONNX Runtime with `libseif_ort.so` registered
   (bf16: a Cast to bf16 in front, back to fp32 after, bf16 weights);
 - ORT MoE: `com.microsoft.MoE` (fp32 only on CPU) after a MatMul router, fc1 = gate/up rows
