@@ -1908,12 +1908,17 @@ def load(path: str | os.PathLike, **from_pretrained_kwargs):
     from a SEIF checkpoint converted from transformers: bitwise the source model's weights."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    from seif.reader import Checkpoint
+
+    with Checkpoint(path) as ckpt:
+        family = FAMILIES.get(ckpt.manifest.model.model_type)
+    auto = getattr(transformers, family.automodel if family else "AutoModelForCausalLM")
     with tempfile.TemporaryDirectory(prefix="seif-load-") as tmp:
         hf = Path(tmp) / "model"
         from_seif(path, hf)
-        return AutoModelForCausalLM.from_pretrained(hf, **from_pretrained_kwargs)
+        return auto.from_pretrained(hf, **from_pretrained_kwargs)
 
 
 def register() -> None:

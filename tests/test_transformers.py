@@ -803,6 +803,14 @@ def test_export_and_load_helpers(tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
     with pytest.raises(ConversionError, match="expected a transformers model"):
         export(object(), tmp_path / "x.seif")
+    # A multimodal wrapper comes back as its own class (the family's auto class), every weight
+    # bitwise the source's.
+    vl = build("qwen3_vl_moe", tmp_path / "vl")
+    again = load(export(vl, tmp_path / "vl.seif"))
+    assert type(again) is type(vl)
+    want = vl.state_dict()
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, want[k]), k
 
 
 # --------------------------------------------------------------------------- family specifics
