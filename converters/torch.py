@@ -507,12 +507,13 @@ class SparseMoE(nn.Module):
                 xs = ws * xs
             try:
                 ys = self._experts_grouped(xs.to(cdt).contiguous(), experts, counts, ffn, cdt)
+            except RuntimeError:       # an unsupported layout after all: fall back, for good
+                self.grouped_mm = False
+            else:
                 self.last_dispatch = "grouped_mm"
                 if not on_input and ws is not None:
                     ys.mul_(ws)
                 return out.index_add_(0, tokens, ys)
-            except RuntimeError:       # an unsupported layout after all: fall back, for good
-                self.grouped_mm = False
         self._experts_loop(out, x, tokens, ws, on_input, counts, ffn, cdt)
         return out
 
