@@ -948,6 +948,21 @@ FAMILIES["llama4"] = dataclasses.replace(
           "projector dense")
 
 
+# OpenAI privacy filter: gpt-oss's router (bias, top-k of logits, softmax over the k; its
+# division by top_k is undone by the block's multiplication by num_experts_per_tok) and
+# clamped-SwiGLU experts with biases, but gate/up concatenated, not interleaved.
+FAMILIES["openai_privacy_filter"] = dataclasses.replace(
+    FAMILIES["gpt_oss"], model_type="openai_privacy_filter",
+    stacked=(Stacked("experts.gate_up_proj", ("gate", "up"), transposed=True),
+             Stacked("experts.gate_up_proj_bias", ("gate", "up"), part="bias"),
+             Stacked("experts.down_proj", ("down",), transposed=True),
+             Stacked("experts.down_proj_bias", ("down",), part="bias")),
+    quantized={}, automodel="AutoModelForTokenClassification",
+    notes="as gpt_oss (router bias, top-k of logits, softmax over the k: the router's / top_k "
+          "and the block's x num_experts_per_tok cancel; clamped SwiGLU with biases) but "
+          "gate/up concatenated in [E, H, 2I]; token classification encoder")
+
+
 # GraniteMoeSWA / GraniteMoeHybrid: router, experts and MoE classes are GraniteMoeShared's
 # verbatim (class sources identical but for names); GraniteMoeHybrid's decoder layers are MoE
 # only when num_local_experts > 0 (else only its shared_mlp, dense).

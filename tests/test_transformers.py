@@ -261,6 +261,12 @@ FAMILY_CONFIGS["granitemoehybrid"] = (
 FAMILY_CONFIGS["beam"] = (
     dict(_DEEPSEEK_LIKE, **_SPARSE_FROM_1, num_experts=8, head_dim=8), "mlp",
     {"route": lambda b, x: (b.gate(x)[1] * b.routed_scaling_factor, b.gate(x)[2])})
+FAMILY_CONFIGS["openai_privacy_filter"] = (
+    dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
+         swiglu_limit=1.5, swiglu_alpha=1.3), "mlp",
+    {"auto": "AutoModelForTokenClassification",
+     # the router's weights are divided by k, the block multiplies its output by k
+     "route": lambda b, x: (b.router(x)[1] * b.num_experts, b.router(x)[2])})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
