@@ -1021,6 +1021,9 @@ REFUSED: dict[str, str] = {
     "ernie4_5_vl_moe": "each MoE layer holds a text MoE and a vision MoE, chosen per token by "
                        "its modality (moe_mm_token_type_ids); SEIF describes one router per "
                        "layer",
+    "step3p7": "its experts and shared expert clamp after the activation (min(act(gate), "
+               "limit) * clip(up), per-layer swiglu_limits, set on Step-3.7-Flash's last MoE "
+               "layers); SEIF's clamped SwiGLU (swiglu_oai) clamps before it",
     "nllb_moe": "the installed NllbMoeSparseMLP passes the router's one-hot top-1 mask where "
                 "expert indices are expected (so only expert_0 / expert_1 ever run), and its "
                 "top-2 router has capacity positions shared across the two choices, "

@@ -478,7 +478,8 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
                                               ("nllb_moe", "one-hot top-1 mask"),
                                               ("axk1", "RMSNorm.*inside the block"),
                                               ("nemotron_h", "relu2.*latent"),
-                                              ("ernie4_5_vl_moe", "modality")])
+                                              ("ernie4_5_vl_moe", "modality"),
+                                              ("step3p7", "clamp after the activation")])
 def test_known_unsupported_family_says_why(tmp_path, model_type, match):
     src = tmp_path / "hf"
     src.mkdir()
