@@ -78,6 +78,14 @@ def test_sigkill_at_random_points_then_resume(source, tmp_path):
                    check=True, capture_output=True)
     duration = time.monotonic() - start
     assert len(seif.open(reference).manifest.shards) >= 15
+    # The same command up to its first check (the destination exists): interpreter start,
+    # imports, reading the source. Kills are spread over the rest, where the writing happens
+    # (a fraction of the run: random points over the whole run often all land before it).
+    start = time.monotonic()
+    refused = subprocess.run(_cli("convert", str(source), str(reference), "--max-shard-size",
+                                  SHARD_CAP), capture_output=True)
+    startup = time.monotonic() - start
+    assert refused.returncode == seif.ConversionError.exit_code
 
     dst = tmp_path / "dst.seif"
     partial = tmp_path / "dst.seif.partial"
@@ -88,7 +96,7 @@ def test_sigkill_at_random_points_then_resume(source, tmp_path):
         proc = subprocess.Popen(_cli("convert", str(source), str(dst), "--resume",
                                      "--max-shard-size", SHARD_CAP),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.05, duration))
+        time.sleep(rng.uniform(0.8 * startup, max(duration, startup) * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
