@@ -991,6 +991,22 @@ for _t in ("deepseek_ocr2", "unlimited_ocr"):
               "mlp_layer_types[l] == 'sparse'; SAM and vision encoders, projector dense")
 
 
+# dots.3-note: Dots3NoteTextTopkRouter / Experts / TextMoE are DeepSeek-V3's (fp32 sigmoid
+# router, selection bias, group-limited top-k masked to -inf, +1e-20, routed scaling; shared
+# experts of shared_experts_intermediate_size x n_shared_experts), text decoder published at
+# model.layers. Its vision tower's own MoE layers pass through as dense tensors.
+FAMILIES["dots3_note"] = _like_deepseek_v3(
+    "dots3_note", "as deepseek_v3 in the text decoder (published at model.layers; shared "
+    "experts shared_experts_intermediate_size x n_shared_experts); MoE where "
+    "mlp_layer_types[l] == 'sparse'; vision (its MoE layers included) and audio encoders "
+    "pass through as dense tensors",
+    num_experts=lambda c: c.num_local_experts, is_moe_layer=_sparse_by_type,
+    shared_ffn=lambda c: FFNSpec(c.shared_experts_intermediate_size * c.n_shared_experts,
+                                 _activation(c)),
+    module="model.language_model.layers.{l}.mlp", sub_config="text_config",
+    automodel="AutoModelForImageTextToText")
+
+
 def _kimi_k25_check(cfg: Any) -> None:
     if cfg.model_type != "deepseek_v3":
         raise ConversionError(f"kimi_k25 with a {cfg.model_type!r} text model: only its "

@@ -267,6 +267,17 @@ FAMILY_CONFIGS["openai_privacy_filter"] = (
     {"auto": "AutoModelForTokenClassification",
      # the router's weights are divided by k, the block multiplies its output by k
      "route": lambda b, x: (b.router(x)[1] * b.num_experts, b.router(x)[2])})
+FAMILY_CONFIGS["dots3_note"] = (
+    dict(_DEEPSEEK_LIKE, **_DSA, **_SPARSE_FROM_1, shared_experts_intermediate_size=12),
+    "mlp",
+    {**_VL_LAYERS,
+     "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, moe_intermediate_size=8, adapter_in_dim=16,
+                    adapter_out_dim=32, mlp_layer_types=["dense"]),
+     "configs": {"audio_config": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, downsample_hidden_size=8,
+                                      adapter_input_size=16, adapter_out_dim=32,
+                                      feature_size=16)}})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -302,7 +313,8 @@ def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0,
     kwargs = {**COMMON, **FAMILY_CONFIGS[model_type][0], **(config_kwargs or {})}
     vision = options(model_type).get("vision")
     if vision is not None:              # a multimodal wrapper: kwargs are its text decoder's
-        kwargs = {"text_config": kwargs, "vision_config": vision}
+        kwargs = {"text_config": kwargs, "vision_config": vision,
+                  **options(model_type).get("configs", {})}
     return build_tiny_hf(model_type.split("-")[0], path, kwargs, seed=seed, dtype=dtype,
                          auto=options(model_type).get("auto", "AutoModelForCausalLM"),
                          **save_kwargs)
