@@ -13,8 +13,9 @@ Registered as ``torch = "seif.conformance.backends_torch:TorchBackend"`` (entry 
   (fp32 / fp16 / bf16 kept, as ``SparseMoE.from_checkpoint`` keeps them; quantized experts
   dequantized to float32, as ``from_checkpoint`` does), then ``module(x)`` on x in its stored
   dtype: experts run in the weights' dtype, the router in float32 (§6.1), the output comes back
-  in x's dtype. ``grouped_mm`` (None: ``torch._grouped_mm`` where supported, False: one matmul
-  per expert) selects the dispatch path.
+  in x's dtype. ``grouped_mm`` selects the dispatch path: None lets the module choose per call
+  (``torch._grouped_mm`` for the catalogue's tiny experts), True forces ``torch._grouped_mm``,
+  False the loop of one matmul per active expert.
 
 Torch is imported when a method first runs, never by ``import seif.conformance``.
 """
