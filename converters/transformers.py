@@ -1007,6 +1007,29 @@ FAMILIES["dots3_note"] = _like_deepseek_v3(
     automodel="AutoModelForImageTextToText")
 
 
+FAMILIES["aria"] = Family(
+    model_type="aria",
+    block="language_model.model.layers.{l}.mlp",
+    module="model.language_model.layers.{l}.mlp",
+    num_experts=lambda c: c.moe_num_experts,
+    routing=lambda c: RoutingSpec(kind="topk", top_k=int(c.moe_topk), scoring="softmax_topk",
+                                  training=_training(c)),
+    # AriaExperts are SiLU-gated whatever hidden_act says (the shared experts follow it).
+    expert_ffn=lambda c: (_no_mlp_bias(c), FFNSpec(c.intermediate_size, "swiglu"))[1],
+    router="router",
+    stacked=(Stacked("experts.fc1.weight", ("gate", "up"), transposed=True),
+             Stacked("experts.fc2.weight", ("down",), transposed=True)),
+    shared_module="shared_experts",
+    shared_ffn=lambda c: FFNSpec(c.intermediate_size * c.moe_num_shared_experts,
+                                 _activation(c)),
+    sub_config="text_config",
+    automodel="AutoModelForImageTextToText",
+    notes="text decoder (language_model.model): top-k of logits, softmax over the k; routed "
+          "experts always SwiGLU, stacked fc1 [E, H, 2I] (gate then up) / fc2 [E, I, H]; shared "
+          "experts (hidden_act) added; vision tower and projector dense",
+)
+
+
 def _kimi_k25_check(cfg: Any) -> None:
     if cfg.model_type != "deepseek_v3":
         raise ConversionError(f"kimi_k25 with a {cfg.model_type!r} text model: only its "

@@ -278,6 +278,15 @@ FAMILY_CONFIGS["dots3_note"] = (
                                       num_attention_heads=2, downsample_hidden_size=8,
                                       adapter_input_size=16, adapter_out_dim=32,
                                       feature_size=16)}})
+# gelu: the shared experts follow hidden_act, the routed ones are SiLU-gated regardless.
+FAMILY_CONFIGS["aria"] = (
+    dict(intermediate_size=16, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=2,
+         head_dim=8, hidden_act="gelu_pytorch_tanh"), "mlp",
+    {"auto": "AutoModelForImageTextToText", "layers": lambda m: m.model.language_model.layers,
+     "route": lambda b, x: b.router(x)[1:],
+     "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=28, patch_size=14),
+     "configs": {"projector_patch_to_query_dict": {"4": 4}}})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
