@@ -1030,6 +1030,35 @@ FAMILIES["aria"] = Family(
 )
 
 
+def _oai_ffn(cfg: Any, size: int) -> FFNSpec:
+    """MiniMax-M3's experts and shared MLP: gpt-oss's clamped SwiGLU (clamp gate above and up
+    both ways at swiglu_limit, gate * sigmoid(alpha * gate) * (up + 1)), no biases, gate/up
+    concatenated."""
+    return FFNSpec(size, "swiglu_oai", bias=False, alpha=float(cfg.swiglu_alpha),
+                   limit=float(cfg.swiglu_limit))
+
+
+FAMILIES["minimax_m3_vl"] = Family(
+    model_type="minimax_m3_vl",
+    block="language_model.model.layers.{l}.block_sparse_moe",
+    module="model.language_model.layers.{l}.mlp",
+    num_experts=lambda c: c.num_local_experts,
+    routing=lambda c: _sigmoid_biased(c, scale=float(c.routed_scaling_factor)),
+    expert_ffn=lambda c: _oai_ffn(c, c.intermediate_size),
+    is_moe_layer=_sparse_by_type,
+    experts={"gate": "experts.{e}.w1", "up": "experts.{e}.w3", "down": "experts.{e}.w2"},
+    selection_bias="e_score_correction_bias",
+    shared_module="shared_experts",
+    shared_ffn=lambda c: _oai_ffn(c, c.shared_intermediate_size),
+    sub_config="text_config",
+    automodel="AutoModelForImageTextToText",
+    notes="text decoder (published language_model.model.layers.{l}.block_sparse_moe, Mixtral "
+          "names): sigmoid, selection bias, renormalized (no epsilon), x routed_scaling_factor "
+          "(applied by the block); experts and shared MLP use the clamped SwiGLU (swiglu_oai, "
+          "no biases); MoE where mlp_layer_types[l] == 'sparse'; vision tower dense",
+)
+
+
 def _kimi_k25_check(cfg: Any) -> None:
     if cfg.model_type != "deepseek_v3":
         raise ConversionError(f"kimi_k25 with a {cfg.model_type!r} text model: only its "

@@ -287,6 +287,17 @@ FAMILY_CONFIGS["aria"] = (
      "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                     num_attention_heads=2, image_size=28, patch_size=14),
      "configs": {"projector_patch_to_query_dict": {"4": 4}}})
+# A low swiglu_limit so the clamps bite (routed experts and shared MLP alike).
+FAMILY_CONFIGS["minimax_m3_vl"] = (
+    dict(intermediate_size=16, dense_intermediate_size=48, shared_intermediate_size=24,
+         num_local_experts=6, num_experts_per_tok=2, head_dim=8, rotary_dim=4, swiglu_limit=1.5,
+         swiglu_alpha=1.3, routed_scaling_factor=1.7, index_n_heads=2, index_head_dim=8,
+         index_block_size=4, index_topk_blocks=2, **_SPARSE_FROM_1), "mlp",
+    {"auto": "AutoModelForImageTextToText", "layers": lambda m: m.model.language_model.layers,
+     "route": lambda b, x: (b.gate(x)[1] * b.routed_scaling_factor, b.gate(x)[2]),
+     "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=28, patch_size=14),
+     "configs": {"projector_hidden_size": 32}})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
