@@ -1097,6 +1097,31 @@ REFUSED: dict[str, str] = {
                 "top-2 router has capacity positions shared across the two choices, "
                 "normalize-before/after-dropping and a random second-expert policy applied "
                 "at inference; there is no correct reference to verify a mapping against",
+    **dict.fromkeys(("hy_v4", "hy_v4_vl", "glm5_next"),
+                    "its experts and shared experts use a clamped SwiGLU without alpha or +1 "
+                    "(silu(min(gate, swiglu_limit)) * clip(up, +-swiglu_limit)); SEIF's clamped "
+                    "SwiGLU (swiglu_oai) computes gate * sigmoid(alpha * gate) * (up + 1) "
+                    "(the router is otherwise DeepSeek-V3's)"),
+    "inkling": "its shared experts are weighted by the router: one softmax over the "
+               "logsigmoids of the k routed and the shared experts' logits, times route_scale "
+               "and a learned global_scale; SEIF's shared experts are ungated or "
+               "sigmoid-gated by their own gate",
+    **dict.fromkeys(("inkling2", "inkling2_loop"),
+                    "its experts use a softcapped SwiGLU (softcap(gate) * sigmoid(gate) * "
+                    "softcap(up), mlp_gate_softcap / mlp_up_softcap), which no SEIF "
+                    "activation expresses"),
+    "muse_spark": "its MoE runs the experts in a latent space (pre_expert_proj + centered "
+                  "RMSNorm before, post_expert_proj after), applies an RMSNorm to each expert's "
+                  "output, and scales router logits by output_multiplier; SEIF has none of these",
+    "doge": "DogeCDMoE routes by product keys (top-k over two sqrt(E) key halves, mixing "
+            "router logits across tokens) to single-neuron embedding experts (down_embed / "
+            "up_embed rows); SEIF describes linear-router top-k over FFN experts",
+    "zaya": "its router is an MLP (down_proj, RMSNorm, two GELU layers) whose state carries "
+            "across decoder layers, with an extra skip expert; SEIF routers are one linear "
+            "layer",
+    "qwen3_omni_moe": "it holds two MoE decoder stacks (thinker: Qwen3-MoE style; talker: with "
+                      "a sigmoid-gated shared expert) with separate layer numbering and hidden "
+                      "sizes; this converter maps one MoE stack per checkpoint (not mapped yet)",
 }
 
 

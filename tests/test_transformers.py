@@ -511,7 +511,18 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
                                               ("axk1", "RMSNorm.*inside the block"),
                                               ("nemotron_h", "relu2.*latent"),
                                               ("ernie4_5_vl_moe", "modality"),
-                                              ("step3p7", "clamp after the activation")])
+                                              ("step3p7", "clamp after the activation"),
+                                              ("hy_v4", "clamped SwiGLU without alpha or \\+1"),
+                                              ("hy_v4_vl", "clamped SwiGLU without alpha"),
+                                              ("glm5_next", "clamped SwiGLU without alpha"),
+                                              ("inkling", "shared experts are weighted by "
+                                                          "the router"),
+                                              ("inkling2", "softcapped SwiGLU"),
+                                              ("inkling2_loop", "softcapped SwiGLU"),
+                                              ("muse_spark", "latent space.*RMSNorm"),
+                                              ("doge", "product keys"),
+                                              ("zaya", "router is an MLP.*skip expert"),
+                                              ("qwen3_omni_moe", "two MoE decoder stacks")])
 def test_known_unsupported_family_says_why(tmp_path, model_type, match):
     src = tmp_path / "hf"
     src.mkdir()
