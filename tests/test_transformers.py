@@ -9,6 +9,7 @@ equal logits.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -529,6 +530,42 @@ def test_known_unsupported_family_says_why(tmp_path, model_type, match):
     (src / "config.json").write_text(json.dumps({"model_type": model_type}))
     with pytest.raises(ConversionError, match=match):
         seif.convert.convert(src, tmp_path / "out.seif")
+
+
+def _installed_gate(model_type: str):
+    """(gate, up) -> the expert activation of `model_type`'s installed transformers code."""
+    if model_type in ("hy_v4", "glm5_next"):
+        cls = {"hy_v4": ("HYV4Config", "HYV4Experts"),
+               "glm5_next": ("Glm5NextTextConfig", "Glm5NextTextExperts")}[model_type]
+        cfg = getattr(transformers, cls[0])(hidden_size=8, moe_intermediate_size=4,
+                                            num_local_experts=2, swiglu_limit=1.0)
+        modeling = importlib.import_module(
+            f"transformers.models.{model_type}.modeling_{model_type}")
+        experts = getattr(modeling, cls[1])(cfg)
+        return lambda g, u: experts._apply_gate(torch.cat([g, u], dim=-1))
+    cfg = transformers.Inkling2TextConfig(mlp_gate_softcap=1.5, mlp_up_softcap=1.5)
+    modeling = importlib.import_module("transformers.models.inkling2.modeling_inkling2")
+    return modeling.Inkling2SoftcappedSwiGLU(cfg)
+
+
+@pytest.mark.parametrize("model_type", ["hy_v4", "glm5_next", "inkling2"])
+def test_refused_activation_is_no_seif_activation(model_type):
+    """The refusal's reason holds against the installed code: on inputs where its clamps /
+    softcaps bite, the family's expert activation matches no SEIF gated activation (swiglu;
+    swiglu_oai at the family's limit, with alpha 1 or 1.702)."""
+    from seif.moe import activation
+    rng = np.random.default_rng(0)
+    g, u = (rng.uniform(-3.0, 3.0, (64,)) for _ in range(2))
+    with torch.no_grad():
+        got = _installed_gate(model_type)(torch.tensor(g), torch.tensor(u)).numpy()
+    candidates = [activation(name, g, u) for name in ("swiglu", "geglu", "geglu_tanh")]
+    candidates += [activation("swiglu_oai", g, u, alpha=a, limit=1.0) for a in (1.0, 1.702)]
+    for want in candidates:
+        assert np.abs(got - want).max() > 1e-2
+    if model_type != "inkling2":   # what the refusal says it computes
+        silu = lambda x: x / (1.0 + np.exp(-x))  # noqa: E731
+        np.testing.assert_allclose(got, silu(np.minimum(g, 1.0)) * np.clip(u, -1.0, 1.0),
+                                   rtol=1e-12)
 
 
 def test_unsupported_family_is_refused(tmp_path):
