@@ -646,6 +646,17 @@ def _save_dir(path: Path, tensors: dict, config: dict) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def _publish(tmp_path: Path, model, published: dict) -> None:
+    """Save `published` (the installed save_pretrained's tensors in another layout) with the
+    same config at tmp_path/pub, and check transformers loads it into the same weights."""
+    _save_dir(tmp_path / "pub", published, json.loads((tmp_path / "hf" / "config.json")
+                                                      .read_text()))
+    again = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "pub")
+    want = model.state_dict()
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 def _load_dir(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path / "model.safetensors"))
@@ -931,12 +942,7 @@ def test_qwen3_vl_moe_published_expert_layout(tmp_path):
     assert len(stacked) == 4                      # MoE layers 1 and 2
     published = {k: v.transpose(1, 2).contiguous() if k in stacked else v
                  for k, v in tensors.items()}
-    _save_dir(tmp_path / "pub", published, json.loads((tmp_path / "hf" / "config.json")
-                                                      .read_text()))
-    again = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "pub")
-    want = model.state_dict()
-    for k, v in again.state_dict().items():
-        assert torch.equal(v, want[k]), k
+    _publish(tmp_path, model, published)
     a = seif.open(seif.convert.convert(tmp_path / "hf", tmp_path / "a.seif"))
     b = seif.open(seif.convert.convert(tmp_path / "pub", tmp_path / "b.seif"))
     from seif.converters.transformers import METADATA_TRANSPOSED
@@ -985,12 +991,7 @@ def test_kimi_k25_published_names(tmp_path):
     assert any(k.startswith("language_model.model.blocks.") for k in tensors)
     published = {k.replace("language_model.model.blocks.", "language_model.model.layers."): v
                  for k, v in tensors.items()}
-    _save_dir(tmp_path / "pub", published, json.loads((tmp_path / "hf" / "config.json")
-                                                      .read_text()))
-    again = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "pub")
-    want = model.state_dict()
-    for k, v in again.state_dict().items():
-        assert torch.equal(v, want[k]), k
+    _publish(tmp_path, model, published)
     out = seif.convert.convert(tmp_path / "pub", tmp_path / "m.seif")
     assert [layer.source_prefix for layer in seif.open(out).layers] == \
         [f"language_model.model.layers.{i}.mlp" for i in (1, 2)]
