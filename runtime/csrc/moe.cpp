@@ -82,8 +82,10 @@ struct FfnJob {
 
 // FFN task tiles: up to kMB tokens of one expert times kNB output columns. Large kMB: a task's
 // weight rows are read from memory once for all of its tokens (gemm_nt blocks the tokens itself).
+// kNB 128 rather than 64: each token block gemm_nt holds in L2 serves 16 weight panels, not 8
+// (measured: deepseek fp32 T=1024 ~7% faster, mixtral about even; the sums do not depend on it).
 constexpr int64_t kMB = 256;  // token rows per tile
-constexpr int64_t kNB = 64;   // output columns per tile
+constexpr int64_t kNB = 128;  // output columns per tile
 
 const void* offset(const void* p, DType t, int64_t elems) {
   if (!p) return nullptr;
