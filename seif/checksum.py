@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 
 PREFIX = "sha256:"
@@ -58,6 +58,18 @@ def digest_file_range(fd: int, offset: int, length: int, buffer: memoryview | No
         if progress is not None:
             progress(n)
     return digest.digest()
+
+
+def region_digests(fd: int, data_start: int, regions: Iterable[Region],
+                   progress: Callable[[int], None] | None = None
+                   ) -> Iterator[tuple[int, int, str, bytes]]:
+    """(begin, end, name, digest) of each data region of an open shard file, in the given
+    (file) order, read front to back through one reused buffer. What validation and resume
+    both need to recompute a shard checksum."""
+    buffer = memoryview(bytearray(CHUNK_BYTES))
+    for begin, end, name in regions:
+        yield begin, end, name, digest_file_range(fd, data_start + begin, end - begin, buffer,
+                                                  progress)
 
 
 def sorted_regions(spans: Iterable[Region]) -> list[Region]:

@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checksum import CHUNK_BYTES, digest_file_range, shard_checksum
+from .checksum import region_digests, shard_checksum
 from .errors import ConversionError
 
 JOURNAL = ".seif-journal.jsonl"
@@ -43,11 +43,8 @@ def planned_shard_checksum(path: Path, header: bytes, regions) -> str | None:
     with open(path, "rb") as fh:
         if fh.read(len(header)) != header:
             return None
-        buffer = memoryview(bytearray(CHUNK_BYTES))
-        start = len(header)
         return shard_checksum(header, (
-            digest_file_range(fh.fileno(), start + begin, end - begin, buffer)
-            for begin, end, _ in regions))
+            digest for *_, digest in region_digests(fh.fileno(), len(header), regions)))
 
 
 class StagingDir:

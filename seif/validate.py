@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .checksum import CHUNK_BYTES, as_checksum, digest_file_range, shard_checksum
+from .checksum import as_checksum, region_digests, shard_checksum
 from .errors import IntegrityError
 from .reader import Checkpoint
 
@@ -55,17 +55,16 @@ def _verify_shard(ckpt: Checkpoint, file: str, checksum: str, shard,
     expected = {n: t.checksum for n, t in ckpt.manifest.tensors.items() if t.shard == file}
     start = shard.header.data_start
     header = os.pread(shard.fd, start, 0)
-    buffer = memoryview(bytearray(CHUNK_BYTES))
     digests = []
-    for begin, end, name in shard.header.regions:
-        try:
-            digest = digest_file_range(shard.fd, start + begin, end - begin, buffer, progress)
-        except EOFError:
-            raise IntegrityError("unexpected end of file", path=shard.path) from None
-        ckpt.bytes_read += end - begin
-        if name in expected and as_checksum(digest) != expected[name]:
-            raise IntegrityError("tensor checksum mismatch", path=shard.path, field=name)
-        digests.append(digest)
+    try:
+        for begin, end, name, digest in region_digests(shard.fd, start, shard.header.regions,
+                                                        progress):
+            ckpt.bytes_read += end - begin
+            if name in expected and as_checksum(digest) != expected[name]:
+                raise IntegrityError("tensor checksum mismatch", path=shard.path, field=name)
+            digests.append(digest)
+    except EOFError:
+        raise IntegrityError("unexpected end of file", path=shard.path) from None
     ckpt.bytes_read += start
     if shard_checksum(header, digests) != checksum:
         raise IntegrityError("shard checksum mismatch", path=shard.path)
