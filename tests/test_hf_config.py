@@ -10,19 +10,7 @@ import pytest
 
 from converters.hf_config import OPTIONAL_FIELDS, NeedsFullConfig, RawConfig, with_config
 
-COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=64, head_dim=8, max_position_embeddings=64)
-CASES = {
-    "mixtral": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                      num_experts_per_tok=2, shared_expert_intermediate_size=32,
-                      norm_topk_prob=True),
-    "deepseek_v3": dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                        num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
-                        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
-                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                        routed_scaling_factor=2.5),
-}
+CASES = ("mixtral", "qwen2_moe", "deepseek_v3")   # built as in test_transformers
 
 
 def test_raw_config_never_guesses():
@@ -83,11 +71,11 @@ def _layer_maps(root, config):
     return light, full, used
 
 
-@pytest.mark.parametrize("model_type", sorted(CASES))
+@pytest.mark.parametrize("model_type", CASES)
 def test_json_only_config_matches_autoconfig(tmp_path, model_type):
-    from conftest import build_tiny_hf
+    from test_transformers import build
 
-    build_tiny_hf(model_type, tmp_path, {**COMMON, **CASES[model_type]})
+    build(model_type, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     light, full, used = _layer_maps(tmp_path, config)
     assert used[0] == "RawConfig" and len(used) == 2     # the light path settled it
@@ -100,9 +88,9 @@ def test_json_only_config_matches_autoconfig(tmp_path, model_type):
                                               ("mixtral", "num_experts_per_tok")])
 def test_a_field_left_to_the_config_class_defers_to_autoconfig(tmp_path, model_type, field):
     """Remove a field the family reads: the config class's default decides, not a guess."""
-    from conftest import build_tiny_hf
+    from test_transformers import build
 
-    build_tiny_hf(model_type, tmp_path, {**COMMON, **CASES[model_type]})
+    build(model_type, tmp_path)
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
     del config[field]
