@@ -65,3 +65,31 @@ def build_tiny_hf(model_type: str, path, config_kwargs: dict, *, seed: int = 0, 
         model = model.to(dtype)
     model.save_pretrained(path, **save_kwargs)
     return model
+
+
+# gpt-oss's published quantization_config: attention, router, embeddings and head stay dense
+MXFP4_QUANTIZATION_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def pack_gpt_oss_mxfp4(model, tensors: dict, seed: int = 5) -> None:
+    """Turn a tiny gpt-oss's saved expert weights into MXFP4 as OpenAI publishes them
+    (`*_blocks` U8 [E, out, in/32, 16], `*_scales` U8 [E, out, in/32]; random, in place in
+    `tensors`), and set `model`'s experts to transformers' own dequantization of those blocks,
+    so that the model is the reference for the packed checkpoint."""
+    import torch
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    gen = torch.Generator().manual_seed(seed)
+    for li, layer in enumerate(model.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{li}.mlp.experts.{proj}"
+            E, inner, outer = tensors.pop(name).shape       # stored [E, in, out]
+            blocks = torch.randint(0, 256, (E, outer, inner // 32, 16), dtype=torch.uint8,
+                                   generator=gen)
+            scales = torch.randint(118, 126, (E, outer, inner // 32), dtype=torch.uint8,
+                                   generator=gen)
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            with torch.no_grad():
+                getattr(layer.mlp.experts, proj).copy_(
+                    convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))

@@ -218,27 +218,13 @@ def test_external_data_beyond_the_limit(exported, tmp_path, monkeypatch):
 def test_mxfp4_gpt_oss_is_dequantized_and_exported(tmp_path):
     """A gpt-oss with MXFP4 experts as published: dequantized on the way (no quantization
     backend needed), logits equal to the fp32 model holding transformers' own dequantization."""
+    from conftest import MXFP4_QUANTIZATION_CONFIG, pack_gpt_oss_mxfp4
     from safetensors.torch import load_file, save_file
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     model = build("gpt_oss", tmp_path / "fp32", intermediate_size=32)
     tensors = load_file(str(tmp_path / "fp32" / "model.safetensors"))
-    gen = torch.Generator().manual_seed(5)
-    for li, layer in enumerate(model.model.layers):
-        for proj in ("gate_up_proj", "down_proj"):
-            name = f"model.layers.{li}.mlp.experts.{proj}"
-            E, inner, outer = tensors.pop(name).shape       # stored [E, in, out]
-            blocks = torch.randint(0, 256, (E, outer, inner // 32, 16), dtype=torch.uint8,
-                                   generator=gen)
-            scales = torch.randint(118, 126, (E, outer, inner // 32), dtype=torch.uint8,
-                                   generator=gen)
-            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
-            with torch.no_grad():
-                getattr(layer.mlp.experts, proj).copy_(
-                    convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    pack_gpt_oss_mxfp4(model, tensors)
     config = json.loads((tmp_path / "fp32" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-        "lm_head"]}
+    config["quantization_config"] = MXFP4_QUANTIZATION_CONFIG
     (tmp_path / "hf").mkdir()
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))

@@ -787,28 +787,13 @@ def mxfp4_gpt_oss(tmp_path_factory):
     """A tiny gpt-oss with MXFP4 experts as published (`*_blocks` U8 [E, out, in/32, 16],
     `*_scales` U8 [E, out, in/32], biases bf16/fp32); the reference is the fp32 model with
     its experts set to transformers' own dequantization of those blocks."""
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from conftest import MXFP4_QUANTIZATION_CONFIG, pack_gpt_oss_mxfp4
     root = tmp_path_factory.mktemp("mxfp4")
     model = build("gpt_oss", root / "fp32", config_kwargs=MXFP4_DIMS)
     tensors = _load_dir(root / "fp32")
-    gen = torch.Generator().manual_seed(5)
-    for li, layer in enumerate(model.model.layers):
-        experts = layer.mlp.experts
-        for proj in ("gate_up_proj", "down_proj"):
-            name = f"model.layers.{li}.mlp.experts.{proj}"
-            E, inner, outer = tensors.pop(name).shape      # stored [E, in, out]
-            blocks = torch.randint(0, 256, (E, outer, inner // 32, 16), dtype=torch.uint8,
-                                   generator=gen)
-            scales = torch.randint(118, 126, (E, outer, inner // 32), dtype=torch.uint8,
-                                   generator=gen)
-            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
-            with torch.no_grad():
-                getattr(experts, proj).copy_(convert_moe_packed_tensors(blocks, scales,
-                                                                        dtype=torch.float32))
+    pack_gpt_oss_mxfp4(model, tensors)
     config = json.loads((root / "fp32" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-        "lm_head"]}
+    config["quantization_config"] = MXFP4_QUANTIZATION_CONFIG
     _save_dir(root / "hf", tensors, config)
     out = seif.convert.convert(root / "hf", root / "model.seif")
     return root, model, out
