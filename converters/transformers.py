@@ -585,6 +585,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     _like_deepseek_v3("solar_open", "as deepseek_v3; every layer MoE",
                       is_moe_layer=lambda c, layer: True),
     _like_deepseek_v3("dots1", "as deepseek_v3"),
+    # Config-only model types: transformers loads sarvam_mla with DeepseekV3ForCausalLM and
+    # sarvam_moe with Glm4MoeForCausalLM (whose save_pretrained publishes the selection bias as
+    # gate.expert_bias, and attention / embeddings under Sarvam's own names, passed as dense).
+    _like_deepseek_v3("sarvam_mla", "as deepseek_v3 (DeepseekV3ForCausalLM)"),
+    _like_deepseek_v3("sarvam_moe", "as glm4_moe (Glm4MoeForCausalLM); selection bias published "
+                      "as gate.expert_bias", selection_bias="gate.expert_bias"),
     # Their TopkRouter / Experts / MoE classes are DeepSeek-V3's verbatim (the router reads
     # config.num_local_experts, an attribute-map alias); layers MoE per mlp_layer_types.
     *(_like_deepseek_v3(t, "as deepseek_v3; MoE where mlp_layer_types[l] == 'sparse'",

@@ -130,6 +130,10 @@ FAMILY_CONFIGS.update({
                            q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
                            qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4), "mlp"),
     "solar_open": (dict(_DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=False), "mlp"),
+    "sarvam_mla": (dict(_DEEPSEEK_LIKE, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=8, head_dim=8, num_key_value_heads=4,
+                         first_k_dense_replace=1), "mlp"),
+    "sarvam_moe": (dict(_DEEPSEEK_LIKE, head_dim=8, first_k_dense_replace=1), "mlp"),
 })
 _MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=8, head_dim=8, num_key_value_heads=4)
