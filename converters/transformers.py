@@ -1119,6 +1119,11 @@ REFUSED: dict[str, str] = {
     "muse_spark": "its MoE runs the experts in a latent space (pre_expert_proj + centered "
                   "RMSNorm before, post_expert_proj after), applies an RMSNorm to each expert's "
                   "output, and scales router logits by output_multiplier; SEIF has none of these",
+    "nemotron3_5_transcribe": "its text decoder is nemotron_h, whose experts are ungated relu2 "
+                              "MLPs (down(act(up(x)))) with optional latent projections; "
+                              "SEIF 1.0 has neither",
+    "vitpose_backbone": "its MoE MLP has no router: the expert is picked per image by the "
+                        "caller's dataset_index; SEIF describes routed experts",
     "doge": "DogeCDMoE routes by product keys (top-k over two sqrt(E) key halves, mixing "
             "router logits across tokens) to single-neuron embedding experts (down_embed / "
             "up_embed rows); SEIF describes linear-router top-k over FFN experts",

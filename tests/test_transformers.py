@@ -526,6 +526,9 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
                                               ("inkling2_loop", "softcapped SwiGLU"),
                                               ("muse_spark", "latent space.*RMSNorm"),
                                               ("doge", "product keys"),
+                                              ("nemotron3_5_transcribe",
+                                               "text decoder is nemotron_h.*relu2"),
+                                              ("vitpose_backbone", "no router.*dataset_index"),
                                               ("zaya", "router is an MLP.*skip expert"),
                                               ("qwen3_omni_moe", "two MoE decoder stacks")])
 def test_known_unsupported_family_says_why(tmp_path, model_type, match):
