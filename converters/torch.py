@@ -727,6 +727,11 @@ def find_moe_block(model: nn.Module, l: int, model_type: str | None = None,
     family = _family(model_type)
     paths: list[str] = []
     config = getattr(model, "config", None)
+    if family is not None and getattr(family, "stacks", ()):
+        # One of several MoE stacks (Qwen3-Omni-MoE): its table entry, `l` in its numbering.
+        from seif.converters.transformers import stack_layer
+        family, l = stack_layer(family, l, source_prefix=source_prefix,
+                                config=None if source_prefix else config)
     if family is not None:
         for attr in ("module", "module_path", "block_module"):
             paths.append(_block_path(getattr(family, attr, None), config, l))

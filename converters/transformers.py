@@ -54,7 +54,7 @@ from seif.progress import byte_progress
 from seif.shardfile import read_header
 
 __all__ = ["FAMILIES", "REFUSED", "Family", "export", "from_seif", "load", "register",
-           "supported_families", "to_seif"]
+           "stack_layer", "supported_families", "to_seif"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Manifest metadata key: JSON list of the stacked source tensors stored `[E, in, out]` by a
@@ -413,13 +413,21 @@ class Family:
     covered by a `stacked` / `shared_stacked` rule are read from that stacked tensor instead.
     The callables take the transformers config object (AutoConfig); `check` refuses configs
     the mapping cannot express, before any tensor is read.
+
+    A checkpoint with several MoE decoder stacks (Qwen3-Omni-MoE: thinker and talker) is one
+    family whose `stacks` are Family objects of their own (each with its `sub_config`, a
+    dotted path, its block template numbered by the stack's own layer index, routing, ...);
+    the family itself then names no block. SEIF layer indices run over the stacks in order:
+    stack s's layer j is `j + ` the layer slots (`n_layers`) of the stacks before it, as
+    Switch numbers encoder then decoder blocks (see :func:`stack_layer`).
     """
 
     model_type: str
-    block: str | Callable[[Any, int], str]   # template with {l}, or (cfg, l) -> prefix
-    num_experts: Callable[[Any], int]
-    routing: Callable[[Any], RoutingSpec]
-    expert_ffn: Callable[[Any], FFNSpec]
+    # template with {l}, or (cfg, l) -> prefix; None only with `stacks`
+    block: str | Callable[[Any, int], str] | None = None
+    num_experts: Callable[[Any], int] | None = None
+    routing: Callable[[Any], RoutingSpec] | None = None
+    expert_ffn: Callable[[Any], FFNSpec] | None = None
     is_moe_layer: Callable[[Any, int], bool] = lambda cfg, layer: True
     router: str = "gate"
     experts: dict[str, str] = field(default_factory=lambda: dict(_GATE_UP_DOWN))
@@ -456,6 +464,72 @@ class Family:
     # live model: seif.converters.torch.find_moe_block, seif verify's oracle).
     block_alternatives: tuple[str, ...] = ()
     module: str | None = None
+    # Several MoE decoder stacks, in SEIF layer-index order (see the class docstring).
+    stacks: tuple[Family, ...] = ()
+
+    def __post_init__(self) -> None:
+        single = (self.block, self.num_experts, self.routing, self.expert_ffn)
+        if self.stacks and any(v is not None for v in single):
+            raise TypeError(f"{self.model_type}: a family with stacks names no block of its own")
+        if not self.stacks and any(v is None for v in single):
+            raise TypeError(f"{self.model_type}: block, num_experts, routing and expert_ffn "
+                            "are required")
+
+
+def _sub_config(cfg: Any, path: str | None) -> Any:
+    """`cfg.a.b` for the dotted path "a.b" (a stack's config inside a composite config)."""
+    for part in (path.split(".") if path else ()):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _n_slots(family: Family, cfg: Any) -> int:
+    """The number of SEIF layer indices one (single-stack) family's layers take, `cfg` being
+    its own (sub-)config: `n_layers`, default num_hidden_layers."""
+    return int(family.n_layers(cfg) if family.n_layers else cfg.num_hidden_layers)
+
+
+def _template_index(template: str, prefix: str) -> int | None:
+    """The `{l}` of `prefix` if it is `template` with a layer index filled in, else None."""
+    head, sep, tail = template.partition("{l}")
+    if not sep or not prefix.startswith(head) or not prefix.endswith(tail):
+        return None
+    digits = prefix[len(head): len(prefix) - len(tail)]
+    return int(digits) if digits.isdigit() else None
+
+
+def stack_layer(family: Family, index: int, *, source_prefix: str | None = None,
+                config: Any = None) -> tuple[Family, int]:
+    """(stack, layer index in that stack's own numbering) of SEIF layer `index`; a
+    single-stack family is its own stack, its numbering SEIF's.
+
+    With `config` (the checkpoint's whole config) the stack is found from `index` and the
+    stacks' layer counts; otherwise from `source_prefix` (what the manifest records per
+    layer), matched against each stack's block templates."""
+    if not family.stacks:
+        return family, index
+    if config is not None:
+        offset = 0
+        for stack in family.stacks:
+            n = _n_slots(stack, _sub_config(config, stack.sub_config))
+            if offset <= index < offset + n:
+                return stack, index - offset
+            offset += n
+        raise ConversionError(f"{family.model_type} has {offset} layer slots; there is no "
+                              f"layer {index}")
+    if source_prefix is not None:
+        for stack in family.stacks:
+            for template in (stack.block, *stack.block_alternatives):
+                j = _template_index(template, source_prefix) if isinstance(template, str) \
+                    else None
+                if j is not None:
+                    return stack, j
+    raise ConversionError(f"layer {index} of this {family.model_type} checkpoint: its source "
+                          f"prefix {source_prefix!r} is under none of the family's MoE stacks")
+
+
+def _stacks(family: Family) -> tuple[Family, ...]:
+    return family.stacks or (family,)
 
 
 _DEEPSEEK_V3 = Family(
@@ -1081,6 +1155,46 @@ FAMILIES["kimi_k25"] = _like_deepseek_v3(
     automodel="AutoModelForImageTextToText", check=_kimi_k25_check)
 
 
+# Qwen3-Omni-MoE: two MoE decoder stacks in one checkpoint. The thinker's text decoder
+# (published thinker.model.layers, in memory thinker.model.language_model.layers) is
+# Qwen3-MoE's block; the talker's decoder (talker.model.layers) is Qwen2-MoE's, with a shared
+# expert gated by sigmoid(shared_expert_gate). Qwen3OmniMoeTalkerDecoderLayer replaces its mlp
+# by the MoE block unconditionally, so every talker layer is MoE whatever decoder_sparse_step /
+# mlp_only_layers say. The code predictor, code2wav, vision and audio towers are dense.
+FAMILIES["qwen3_omni_moe"] = Family(
+    model_type="qwen3_omni_moe",
+    stacks=(
+        Family(
+            model_type="qwen3_omni_moe.thinker",
+            block="thinker.model.layers.{l}.mlp",
+            module="thinker.model.language_model.layers.{l}.mlp",
+            num_experts=lambda c: c.num_experts,
+            routing=_softmax_topk,
+            expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+            is_moe_layer=_qwen_sparse_layer,
+            sub_config="thinker_config.text_config",
+        ),
+        Family(
+            model_type="qwen3_omni_moe.talker",
+            block="talker.model.layers.{l}.mlp",
+            num_experts=lambda c: c.num_local_experts,      # num_experts is an alias
+            routing=_softmax_topk,
+            expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+            shared_module="shared_expert",
+            shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+            shared_gate="shared_expert_gate.weight",
+            sub_config="talker_config.text_config",
+        ),
+    ),
+    automodel="AutoModelForMultimodalLM",
+    notes="two MoE stacks, SEIF layers = thinker text layers, then talker layers: thinker "
+          "(thinker.model.layers) softmax, top-k, norm_topk_prob, decoder_sparse_step, "
+          "mlp_only_layers; talker (talker.model.layers, every layer MoE) softmax, top-k, "
+          "norm_topk_prob, shared expert x sigmoid(shared gate); code predictor, code2wav, "
+          "vision and audio towers dense",
+)
+
+
 # MoE families of the installed transformers that are refused on purpose, and why (read off the
 # installed modeling code). Any other unknown model_type is refused too, generically.
 REFUSED: dict[str, str] = {
@@ -1130,9 +1244,6 @@ REFUSED: dict[str, str] = {
     "zaya": "its router is an MLP (down_proj, RMSNorm, two GELU layers) whose state carries "
             "across decoder layers, with an extra skip expert; SEIF routers are one linear "
             "layer",
-    "qwen3_omni_moe": "it holds two MoE decoder stacks (thinker: Qwen3-MoE style; talker: with "
-                      "a sigmoid-gated shared expert) with separate layer numbering and hidden "
-                      "sizes; this converter maps one MoE stack per checkpoint (not mapped yet)",
 }
 
 
@@ -1430,7 +1541,10 @@ def _blocks(family: Family, li: int) -> list[str]:
     return [t.format(l=li) for t in (family.block, *family.block_alternatives)]
 
 
-def _layer_spec(family: Family, cfg: Any, li: int, block: str | None = None) -> LayerSpec:
+def _layer_spec(family: Family, cfg: Any, li: int, block: str | None = None,
+                index: int | None = None) -> LayerSpec:
+    """Layer `li`'s descriptor (`index`: its SEIF index when the family is one of several
+    stacks, default `li`)."""
     E = int(family.num_experts(cfg))
     routing = family.routing(cfg)
     routing.router_bias = routing.router_bias or family.router_bias is not None
@@ -1439,7 +1553,8 @@ def _layer_spec(family: Family, cfg: Any, li: int, block: str | None = None) -> 
         sffn = family.shared_ffn(cfg)
         if sffn is not None:
             shared = SharedExpertsSpec(1, sffn, family.shared_gate is not None)
-    return LayerSpec(li, E, int(cfg.hidden_size), routing, family.expert_ffn(cfg), shared,
+    return LayerSpec(li if index is None else index, E, int(cfg.hidden_size), routing,
+                     family.expert_ffn(cfg), shared,
                      source_prefix=block or _block(family, cfg, li))
 
 
@@ -1477,7 +1592,7 @@ def _quantization(family: Family, config: dict, where: str) -> _Quant:
                         for b in block)):
             problems.append(f"weight_block_size {block!r} (only block-wise [rows, cols]; "
                             "per-tensor scales are not supported)")
-        if family.stacked:
+        if any(stack.stacked for stack in _stacks(family)):
             problems.append(f"{family.model_type} stores its experts stacked (only families "
                             "with per-expert tensors)")
         if problems:
@@ -1541,9 +1656,32 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
     """The MoE layer descriptors, source name -> canonical name for their plainly stored
     tensors, source name -> split rule for their stacked ones, canonical name ->
     quantization descriptor of the plainly stored quantized ones (fp8), and the stacked
-    sources an "auto" rule found stored transposed."""
-    if family.sub_config is not None:
-        cfg = getattr(cfg, family.sub_config)
+    sources an "auto" rule found stored transposed. Several stacks: each stack's, its layers
+    numbered after the previous stacks' slots (`stack_layer`)."""
+    layers: list[LayerSpec] = []
+    rename: dict[str, str] = {}
+    splits: dict[str, _Split] = {}
+    quants: dict[str, Quantization] = {}
+    transposed: set[str] = set()
+    offset = 0
+    for stack in _stacks(family):
+        sub = _sub_config(cfg, stack.sub_config)
+        got = _stack_map(stack, sub, sources, root, quant, offset)
+        layers += got[0]
+        rename.update(got[1])
+        splits.update(got[2])
+        quants.update(got[3])
+        transposed |= got[4]
+        offset += _n_slots(stack, sub)
+    return layers, rename, splits, quants, transposed
+
+
+def _stack_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path,
+               quant: _Quant, offset: int
+               ) -> tuple[list[LayerSpec], dict[str, str], dict[str, _Split],
+                          dict[str, Quantization], set[str]]:
+    """`_layer_map` of one MoE stack, `cfg` its own config; its layer `li` is SEIF layer
+    `offset + li`."""
     if family.check is not None:
         family.check(cfg)
     rules = family.quantized.get(quant.method, family.stacked)
@@ -1552,8 +1690,7 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
     splits: dict[str, _Split] = {}
     quants: dict[str, Quantization] = {}
     transposed: set[str] = set()
-    n_layers = int(family.n_layers(cfg) if family.n_layers else cfg.num_hidden_layers)
-    for li in range(n_layers):
+    for li in range(_n_slots(family, cfg)):
         block = _block(family, cfg, li, sources)
         if not family.is_moe_layer(cfg, li):
             for prefix in ([block] if callable(family.block) else _blocks(family, li)):
@@ -1563,7 +1700,7 @@ def _layer_map(family: Family, cfg: Any, sources: dict[str, _Source], root: Path
                                           f"checkpoint has MoE tensors under {prefix}",
                                           path=str(root))
             continue
-        layer = _layer_spec(family, cfg, li, block)
+        layer = _layer_spec(family, cfg, li, block, offset + li)
         E = layer.num_experts
         try:
             layer.routing.check(f"layer {li} routing", E)
@@ -1675,10 +1812,10 @@ def to_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
 
     layers, rename, splits, quants, transposed = with_config(
         root, config, lambda cfg: _layer_map(family, cfg, sources, root, quant))
-    reshaped = {}          # canonical name -> SEIF shape, where it only drops unit dims
-    if family.selection_bias_lead:
-        reshaped = {layer.router_name("selection_bias"): (layer.num_experts,)
-                    for layer in layers}
+    reshaped = {       # canonical name -> SEIF shape, where it only drops unit dims
+        layer.router_name("selection_bias"): (layer.num_experts,) for layer in layers
+        if stack_layer(family, layer.index, source_prefix=layer.source_prefix)[0]
+        .selection_bias_lead}
     canonical = set(rename.values()) | {n for sp in splits.values()
                                         for row in sp.pieces for n in row}
     if quant.method == "fp8":      # dense fp8 weights (attention, dense MLPs) keep their names
@@ -1850,15 +1987,16 @@ def from_seif(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool
         reshape: dict[str, list[int]] = {}
         transposed = _metadata_transposed(m, str(src))
         for layer in m.layers:
-            _, layer_splits = _layer_plan(fam, None, layer.index, layer.num_experts, layer,
-                                          _stored_rules(fam, m, layer), transposed)
+            stack, li = stack_layer(fam, layer.index, source_prefix=layer.source_prefix)
+            _, layer_splits = _layer_plan(stack, None, li, layer.num_experts, layer,
+                                          _stored_rules(stack, m, layer), transposed)
             for sp in layer_splits:
                 for row in sp.pieces:
                     for n in row:
                         piece_of[n] = sp
-            if fam.selection_bias_lead and layer.routing.selection_bias:
+            if stack.selection_bias_lead and layer.routing.selection_bias:
                 reshape[layer.router_name("selection_bias")] = \
-                    list(fam.selection_bias_lead) + [layer.num_experts]
+                    list(stack.selection_bias_lead) + [layer.num_experts]
         # (seif name or split, out name, dtype, shape, nbytes)
         items: list[tuple[str | _Split, str, str, list[int], int]] = []
         seen: set[str] = set()

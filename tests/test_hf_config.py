@@ -10,7 +10,8 @@ import pytest
 
 from converters.hf_config import OPTIONAL_FIELDS, NeedsFullConfig, RawConfig, with_config
 
-CASES = ("mixtral", "qwen2_moe", "deepseek_v3")   # built as in test_transformers
+# built as in test_transformers; qwen3_omni_moe: two MoE stacks under nested configs
+CASES = ("mixtral", "qwen2_moe", "deepseek_v3", "qwen3_omni_moe")
 
 
 def test_raw_config_never_guesses():
@@ -28,7 +29,7 @@ def test_raw_config_never_guesses():
 def _config_classes():
     import transformers
 
-    from converters.transformers import FAMILIES
+    from converters.transformers import FAMILIES, _stacks, _sub_config
 
     out = {}
     for model_type, family in FAMILIES.items():
@@ -36,9 +37,8 @@ def _config_classes():
             cfg = transformers.AutoConfig.for_model(model_type)
         except (ValueError, KeyError):
             continue
-        if family.sub_config is not None:
-            cfg = getattr(cfg, family.sub_config)
-        out[model_type] = cfg
+        for stack in _stacks(family):       # each MoE stack's own config
+            out[stack.model_type] = _sub_config(cfg, stack.sub_config)
     return out
 
 

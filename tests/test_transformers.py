@@ -303,6 +303,56 @@ FAMILY_CONFIGS["minimax_m3_vl"] = (
      "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                     num_attention_heads=2, image_size=28, patch_size=14),
      "configs": {"projector_hidden_size": 32}})
+# Two MoE stacks: the first element is the thinker's text config, "wrap" nests it with the
+# talker's (another hidden size; mlp_only_layers=[1], which the talker's decoder layer ignores:
+# every talker layer is MoE) and minimal vision / audio / code-predictor / code2wav parts. The
+# installed talker reads a spatial_merge_size its config class lacks (published configs have it).
+_OMNI_ROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1],
+              "interleaved": True}
+
+
+def _omni_config(text: dict) -> dict:
+    talker = dict(COMMON, hidden_size=24, num_hidden_layers=2, head_dim=8, intermediate_size=40,
+                  moe_intermediate_size=8, shared_expert_intermediate_size=12, num_experts=5,
+                  num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                  rope_parameters=_OMNI_ROPE)
+    return dict(
+        thinker_config=dict(
+            text_config=text,
+            audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                              encoder_ffn_dim=16, output_dim=text["hidden_size"],
+                              num_mel_bins=16, downsample_hidden_size=8, n_window=4,
+                              n_window_infer=8),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                               out_hidden_size=text["hidden_size"],
+                               deepstack_visual_indexes=[0])),
+        talker_config=dict(text_config=talker, thinker_hidden_size=text["hidden_size"],
+                           spatial_merge_size=2,
+                           code_predictor_config=dict(hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2,
+                                                      num_key_value_heads=1, head_dim=8,
+                                                      intermediate_size=16, vocab_size=64,
+                                                      num_code_groups=4)),
+        code2wav_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=16, codebook_size=64,
+                             decoder_dim=16, num_quantizers=4, upsample_rates=[2, 2],
+                             upsampling_ratios=[2, 2], sliding_window=8))
+
+
+def _omni_logits(model, ids):
+    """The thinker's text logits and the talker's codec logits (on the codec embeddings of
+    the same ids), flattened into one tensor."""
+    talker = model.talker(inputs_embeds=model.talker.model.codec_embedding(ids)).logits
+    return torch.cat([model.thinker(input_ids=ids).logits.flatten(), talker.flatten()])
+
+
+FAMILY_CONFIGS["qwen3_omni_moe"] = (
+    dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=2,
+         norm_topk_prob=False, head_dim=8, decoder_sparse_step=1, mlp_only_layers=[1],
+         rope_parameters=_OMNI_ROPE), "mlp",
+    {"auto": "AutoModelForMultimodalLM", "wrap": _omni_config, "logits": _omni_logits,
+     # SEIF layers: the thinker's text decoder layers, then the talker's
+     "layers": lambda m: [*m.thinker.model.language_model.layers, *m.talker.model.layers]})
 FAMILY_CONFIGS["deepseek_v2-greedy"] = (
     {**FAMILY_CONFIGS["deepseek_v2"][0], "topk_method": "greedy", "n_group": None,
      "topk_group": None}, "mlp")
@@ -340,6 +390,9 @@ def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0,
     if vision is not None:              # a multimodal wrapper: kwargs are its text decoder's
         kwargs = {"text_config": kwargs, "vision_config": vision,
                   **options(model_type).get("configs", {})}
+    wrap = options(model_type).get("wrap")
+    if wrap is not None:                # several stacks: kwargs are the first one's
+        kwargs = wrap(kwargs)
     return build_tiny_hf(model_type.split("-")[0], path, kwargs, seed=seed, dtype=dtype,
                          auto=options(model_type).get("auto", "AutoModelForCausalLM"),
                          **save_kwargs)
@@ -529,8 +582,7 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
                                               ("nemotron3_5_transcribe",
                                                "text decoder is nemotron_h.*relu2"),
                                               ("vitpose_backbone", "no router.*dataset_index"),
-                                              ("zaya", "router is an MLP.*skip expert"),
-                                              ("qwen3_omni_moe", "two MoE decoder stacks")])
+                                              ("zaya", "router is an MLP.*skip expert")])
 def test_known_unsupported_family_says_why(tmp_path, model_type, match):
     src = tmp_path / "hf"
     src.mkdir()
@@ -618,6 +670,60 @@ def test_stacked_shape_mismatch_is_refused(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="input_linear.*config implies"):
         seif.convert.convert(tmp_path / "hf", tmp_path / "out.seif")
+
+
+def test_qwen3_omni_moe_two_stacks_one_index_space(tmp_path):
+    """Thinker text layer i is SEIF layer i, talker layer j is SEIF layer
+    thinker.num_hidden_layers + j (each with its own hidden size and source prefix); the
+    family table finds each layer's stack from either; load_layer reads each stack's blocks by
+    that index; replace_moe_blocks swaps both stacks' blocks; transformers.load rebuilds the
+    whole model with every weight bitwise the source's."""
+    from seif.converters import torch as st
+    from seif.converters.transformers import FAMILIES as TABLE
+    from seif.converters.transformers import load, stack_layer
+
+    model = build("qwen3_omni_moe", tmp_path / "hf")
+    out = seif.convert.convert(tmp_path / "hf", tmp_path / "m.seif")
+    ckpt = seif.open(out)
+    n = model.config.thinker_config.text_config.num_hidden_layers
+    assert n == 3
+    assert [(s.index, s.source_prefix, s.hidden_size, s.shared_experts is not None)
+            for s in ckpt.layers] == [(0, "thinker.model.layers.0.mlp", 32, False),
+                                      (2, "thinker.model.layers.2.mlp", 32, False),
+                                      (3, "talker.model.layers.0.mlp", 24, True),
+                                      (4, "talker.model.layers.1.mlp", 24, True)]
+    family = TABLE["qwen3_omni_moe"]
+    for spec in ckpt.layers:
+        by_prefix = stack_layer(family, spec.index, source_prefix=spec.source_prefix)
+        assert stack_layer(family, spec.index, config=model.config) == by_prefix
+        assert by_prefix[1] == (spec.index if spec.index < n else spec.index - n)
+    with pytest.raises(ConversionError, match="none of the family's MoE stacks"):
+        stack_layer(family, 0, source_prefix="model.layers.0.mlp")
+    rng = np.random.default_rng(2)
+    for spec in ckpt.layers:
+        x = rng.standard_normal((T, spec.hidden_size)).astype(np.float32)
+        with torch.no_grad():
+            got = st.load_layer(out, spec.index)(torch.from_numpy(x)).numpy()
+        want = hf_moe_output(model, "qwen3_omni_moe", spec.index, x)
+        assert float(np.abs(got - want).max()) <= 1e-5, spec.index
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 12), generator=torch.Generator()
+                        .manual_seed(1))
+    with torch.no_grad():
+        before = _omni_logits(model, ids)
+        replaced = st.replace_moe_blocks(model, out)
+        after = _omni_logits(model, ids)
+    assert replaced == ["thinker.model.language_model.layers.0.mlp",
+                        "thinker.model.language_model.layers.2.mlp",
+                        "talker.model.layers.0.mlp", "talker.model.layers.1.mlp"]
+    assert all(isinstance(model.get_submodule(name), st.SparseMoE) for name in replaced)
+    scale = float(before.abs().max())
+    assert float((after - before).abs().max()) <= 1e-5 * max(scale, 1.0)
+    loaded = load(out)
+    assert type(loaded).__name__ == "Qwen3OmniMoeForConditionalGeneration"
+    source = transformers.AutoModelForMultimodalLM.from_pretrained(tmp_path / "hf")
+    s1, s2 = source.state_dict(), loaded.state_dict()
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
 def test_dense_layer_with_expert_tensors_is_refused(tmp_path):
