@@ -18,7 +18,12 @@ from typing import Any
 from . import dtypes
 from .errors import FeatureError, FormatError, VersionError
 
+# The version written for a checkpoint that uses only SEIF 1.0 rules (the reference writer keeps
+# writing it, so such checkpoints are byte-identical to what 1.0 writers produced), and the
+# newest MINOR this reader implements. A checkpoint using a feature of a later MINOR says so
+# (spec §7.1, §7.4): the version written is the lowest one whose rules the checkpoint follows.
 SEIF_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 MANIFEST_NAME = "seif.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -42,7 +47,11 @@ KNOWN_FEATURES = frozenset({
     "routing.capacity",
     "routing.weight_on_input",
     "expert_subset",
+    "layer.output_bias",
 })
+# Features added after 1.0, with the MINOR that added them. A manifest naming one must state
+# that version or a later one (spec §7.2).
+FEATURE_SINCE = {"layer.output_bias": "1.1"}
 
 ROUTING_KINDS = ("topk", "group_topk", "expert_choice", "sparse_mixer", "soft_moe")
 SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sigmoid_topk")
@@ -402,6 +411,10 @@ class LayerSpec:
     shared_experts: SharedExpertsSpec | None = None
     source_prefix: str | None = None
     expert_ids: list[int] | None = None
+    # SEIF 1.1: tensor `layers.{l}.output_bias` [H] is added to the layer's output after the
+    # routed and shared experts are combined (JetMoE's JetMoeMoE.bias). Old readers would ignore
+    # the field and compute a different output, hence the required feature layer.output_bias.
+    output_bias: bool = False
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> LayerSpec:
@@ -417,6 +430,7 @@ class LayerSpec:
                             if d.get("shared_experts") is not None else None),
             source_prefix=d.get("source_prefix"),
             expert_ids=d.get("expert_ids"),
+            output_bias=_bool(d, "output_bias", where, False),
         )
         if layer.source_prefix is not None:
             _typed(layer.source_prefix, str, f"{where}.source_prefix", "a string")
@@ -441,6 +455,8 @@ class LayerSpec:
             out["source_prefix"] = self.source_prefix
         if self.expert_ids is not None:
             out["expert_ids"] = list(self.expert_ids)
+        if self.output_bias:  # written only when set: 1.0 layers serialize as they always did
+            out["output_bias"] = True
         return out
 
     # Canonical tensor names (spec §4.1) -------------------------------------------------
@@ -456,6 +472,9 @@ class LayerSpec:
     def shared_gate_name(self) -> str:
         return f"layers.{self.index}.shared_experts.gate.weight"
 
+    def output_bias_name(self) -> str:
+        return f"layers.{self.index}.output_bias"
+
     def expected_count(self) -> int:
         """How many tensors `expected_tensors()` lists, computed without listing them."""
         def per_ffn(ffn: FFNSpec) -> int:
@@ -465,7 +484,7 @@ class LayerSpec:
         if self.shared_experts:
             count += self.shared_experts.count * per_ffn(self.shared_experts.ffn)
             count += self.shared_experts.gate
-        return count
+        return count + self.output_bias
 
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
         """Canonical name -> logical shape of every tensor this layer needs."""
@@ -485,12 +504,16 @@ class LayerSpec:
                                         self.shared_name(s, p, part)))
             if self.shared_experts.gate:
                 out[self.shared_gate_name()] = (1, H)
+        if self.output_bias:
+            out[self.output_bias_name()] = (H,)
         return out
 
     def features(self) -> set[str]:
         feats = self.routing.features()
         if self.expert_ids is not None:
             feats.add("expert_subset")
+        if self.output_bias:
+            feats.add("layer.output_bias")
         return feats
 
 
@@ -743,7 +766,9 @@ class ModelInfo:
 # --------------------------------------------------------------------------- the manifest
 @dataclass
 class Manifest:
-    seif_version: str = SEIF_VERSION
+    # None: the lowest version whose rules the content follows (`version()`); a parsed manifest
+    # keeps the version it states.
+    seif_version: str | None = None
     required_features: list[str] = field(default_factory=list)
     optional_features: list[str] = field(default_factory=list)
     model: ModelInfo = field(default_factory=ModelInfo)
@@ -786,6 +811,11 @@ class Manifest:
         if unknown:
             raise FeatureError(f"checkpoint requires features this reader does not implement: "
                                f"{', '.join(unknown)}", field="required_features")
+        for feat in required:
+            since = FEATURE_SINCE.get(feat)
+            if since is not None and _version_key(version) < _version_key(since):
+                raise FormatError(f"{feat} is a SEIF {since} feature; the checkpoint says SEIF "
+                                  f"{version}", field="seif_version")
         m = cls(
             seif_version=version,
             required_features=required,
@@ -867,9 +897,20 @@ class Manifest:
                                       f"{list(shape)}", field=f"tensors.{name}.shape")
 
     # -- serialization
+    def version(self) -> str:
+        """`seif_version` as written: the stated one, or the lowest version whose rules this
+        manifest follows ("1.0" unless it uses a feature a later MINOR added)."""
+        if self.seif_version is not None:
+            return self.seif_version
+        feats = set(self.required_features)
+        for layer in self.layers:
+            feats |= layer.features()
+        return max((FEATURE_SINCE.get(f, SEIF_VERSION) for f in feats), key=_version_key,
+                   default=SEIF_VERSION)
+
     def to_dict(self) -> dict:
         return {
-            "seif_version": self.seif_version,
+            "seif_version": self.version(),
             "required_features": sorted(self.required_features),
             "optional_features": sorted(self.optional_features),
             "generator": self.generator,
@@ -905,7 +946,12 @@ def check_version(version: str) -> None:
         raise FormatError(f"seif_version {version!r} is not MAJOR.MINOR", field="seif_version")
     if int(m.group(1)) != SUPPORTED_MAJOR:
         raise VersionError(f"checkpoint is SEIF {version}; this reader implements SEIF "
-                           f"{SEIF_VERSION} (major {SUPPORTED_MAJOR} only)", field="seif_version")
+                           f"{SPEC_VERSION} (major {SUPPORTED_MAJOR} only)", field="seif_version")
+
+
+def _version_key(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")
+    return int(major), int(minor)
 
 
 def _str_list(value: Any, where: str) -> list[str]:

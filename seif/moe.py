@@ -162,7 +162,8 @@ class MoEParams:
     router_weight: [E, H] ([E*S, H] for soft_moe); router_bias: [E] or None;
     selection_bias: [E] or None (DeepSeek-V3 e_score_correction_bias);
     experts: one dict per expert with keys "gate", "up", "down" (+ "<proj>_bias");
-    shared: one such dict per shared expert; shared_gate: [1, H] or None.
+    shared: one such dict per shared expert; shared_gate: [1, H] or None;
+    output_bias: [H] or None (SEIF 1.1 `layer.output_bias`: JetMoE's block bias).
     """
 
     router_weight: np.ndarray
@@ -171,6 +172,7 @@ class MoEParams:
     experts: list[dict[str, np.ndarray]] = field(default_factory=list)
     shared: list[dict[str, np.ndarray]] = field(default_factory=list)
     shared_gate: np.ndarray | None = None
+    output_bias: np.ndarray | None = None
 
     @classmethod
     def from_tensors(cls, layer: LayerSpec, get: Callable[[str], np.ndarray]) -> MoEParams:
@@ -200,6 +202,7 @@ class MoEParams:
                      for e in range(layer.num_experts)],
             shared=shared,
             shared_gate=shared_gate,
+            output_bias=get(layer.output_bias_name()) if layer.output_bias else None,
         )
 
 
@@ -226,6 +229,8 @@ class MoEParams:
                     lambda p, part, s=s: layer.shared_name(s, p, part))
             if layer.shared_experts.gate:
                 out[layer.shared_gate_name()] = self.shared_gate
+        if layer.output_bias:
+            out[layer.output_bias_name()] = self.output_bias
         return out
 
 def random_layer_params(layer: LayerSpec, rng: np.random.Generator,
@@ -263,6 +268,7 @@ def random_layer_params(layer: LayerSpec, rng: np.random.Generator,
         experts=[ffn_dict(layer.experts) for _ in range(E)],
         shared=[ffn_dict(se.ffn) for _ in range(se.count)] if se else [],
         shared_gate=w(1, H) if se and se.gate else None,
+        output_bias=b(H) if layer.output_bias else None,
     )
 
 
@@ -288,6 +294,11 @@ def _check_params(layer: LayerSpec, params: MoEParams, H: int) -> None:
     if wants_gate and np.shape(params.shared_gate) != (1, H):
         raise RoutingError(f"shared gate is {list(np.shape(params.shared_gate))}; "
                            f"expected [1, {H}]")
+    if layer.output_bias != (params.output_bias is not None):
+        raise RoutingError("output_bias must be given exactly when the layer's output_bias is set")
+    if layer.output_bias and np.shape(params.output_bias) != (H,):
+        raise RoutingError(f"output bias is {list(np.shape(params.output_bias))}; "
+                           f"expected [{H}]")
 
 
 def _token_choice(x, logits, layer, params, dt) -> np.ndarray:
@@ -352,6 +363,7 @@ def moe_forward(x: np.ndarray, layer: LayerSpec, params: MoEParams,
     w_tj * x_t ("passthrough_scaled"). Expert choice: y_t = sum over experts that picked t.
     Soft MoE: slots = dispatch^T x, slot e*S+s goes through expert e, y = combine @ slots.
     Shared experts: + sum_s FFN_s(x), times sigmoid(x . shared_gate) when gated (Qwen2-MoE).
+    Output bias (SEIF 1.1, JetMoE): + output_bias [H], last, on every token (spec §5.16).
     """
     dt = _compute_dtype(dtype)
     x = np.asarray(x)
@@ -380,4 +392,6 @@ def moe_forward(x: np.ndarray, layer: LayerSpec, params: MoEParams,
             gate = x @ np.asarray(params.shared_gate).astype(dt).T     # [T, 1]
             shared = _sigmoid(gate) * shared
         out = out + shared
+    if params.output_bias is not None:
+        out = out + np.asarray(params.output_bias).astype(dt)
     return out.astype(dt, copy=False)

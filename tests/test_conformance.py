@@ -90,14 +90,52 @@ def test_catalogue_covers_the_issue(by_id, cases):
         assert f"format/valid/{name}" in by_id
 
 
+def _ids(path: Path) -> list[str]:
+    return [x.strip() for x in path.read_text().splitlines() if x.strip() and not
+            x.startswith("#")]
+
+
+def _hashes(path: Path) -> dict[str, str]:
+    return {line.split()[1]: line.split()[0] for line in path.read_text().splitlines()
+            if line.strip()}
+
+
 def test_must_pass_and_hash_lists_name_the_catalogue(cases):
+    """1.1 lists name the whole catalogue; 1.0's (frozen) name it without the 1.1 cases."""
     ids = [c.id for c in cases]
-    must = [x.strip() for x in (SPEC / "must-pass-1.0.txt").read_text().splitlines()
-            if x.strip() and not x.startswith("#")]
-    assert must == ids
-    listed = [line.split()[1] for line in (SPEC / "catalogue-1.0.sha256").read_text()
-              .splitlines() if line.strip()]
-    assert listed == ids
+    ids_1_0 = [c.id for c in cases if "output-bias" not in c.id]
+    assert _ids(SPEC / "must-pass-1.1.txt") == ids
+    assert list(_hashes(SPEC / "catalogue-1.1.sha256")) == ids
+    assert _ids(SPEC / "must-pass-1.0.txt") == ids_1_0
+    assert list(_hashes(SPEC / "catalogue-1.0.sha256")) == ids_1_0
+
+
+def test_checked_in_digests_equal_the_generated_ones(generated):
+    """Adding the 1.1 cases changed no 1.0 case: its digests are the 1.0 release's."""
+    got = {e["id"]: e["digest"] for e in generated[1]["cases"]}
+    assert _hashes(SPEC / "catalogue-1.1.sha256") == got
+    old = _hashes(SPEC / "catalogue-1.0.sha256")
+    assert {i: got[i] for i in old} == old
+
+
+def test_output_bias_cases_fail_a_backend_that_ignores_the_bias(by_id):
+    """A 1.0 runtime that dropped `output_bias` would be caught by every 1.1 MoE case."""
+    from seif.moe import moe_forward
+
+    class IgnoresBias(NumpyBackend):
+        name = "broken-ignores-output-bias"
+
+        def moe(self, case):
+            layer, params = case.layer_spec(), case.moe_params(np.float32)
+            layer.output_bias, params.output_bias = False, None
+            return moe_forward(case.inputs["x"], layer, params, dtype=self.dtype)
+
+    bias_cases = [c for i, c in by_id.items() if i.startswith("moe/") and "output-bias" in i]
+    assert len(bias_cases) == 9
+    st = _status(run(IgnoresBias(), bias_cases))
+    assert {i: s for i, s in st.items() if "T0" not in i} == \
+        {c.id: FAIL for c in bias_cases if "T0" not in c.id}
+    assert _status(run(NumpyBackend(), bias_cases)) == {c.id: PASS for c in bias_cases}
 
 
 def test_readme_tolerance_table_matches_code():

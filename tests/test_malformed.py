@@ -65,7 +65,40 @@ def _check(pair, error, match, deep=False):
 
 def test_unknown_major_version(pair):
     _edit_manifest(pair[1], lambda m: m.update(seif_version="2.0"))
-    _check(pair, seif.VersionError, r"SEIF 2\.0.*SEIF 1\.0")
+    _check(pair, seif.VersionError, r"SEIF 2\.0.*SEIF 1\.1")
+
+
+@pytest.fixture
+def bias_pair(tmp_path):
+    """(valid, damaged copy, digest) of a SEIF 1.1 checkpoint whose layer 0 has an output bias
+    (JetMoE's block bias, spec §5.16)."""
+    from conftest import make_layers, make_tensors
+    layers = make_layers()
+    layers[0].output_bias = True
+    tensors = make_tensors(layers)
+    tensors["layers.0.output_bias"] = np.linspace(-1, 1, layers[0].hidden_size,
+                                                  dtype=np.float32)
+    valid = seif.save(tmp_path / "bias.seif", tensors, layers)
+    bad = tmp_path / "bad.seif"
+    shutil.copytree(valid, bad)
+    return valid, bad, _tree_digest(valid)
+
+
+def test_output_bias_checkpoint_loads_as_1_1(bias_pair):
+    m = json.loads((bias_pair[0] / "seif.json").read_text())
+    assert m["seif_version"] == "1.1" and "layer.output_bias" in m["required_features"]
+    assert seif.validate(bias_pair[0], deep=True)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda m: m["required_features"].remove("layer.output_bias"), "layer.output_bias"),
+    (lambda m: m["tensors"].pop("layers.0.output_bias"), "output_bias"),
+    (lambda m: m["tensors"]["layers.0.output_bias"].update(shape=[4, 4]), "output_bias"),
+    (lambda m: m.update(seif_version="1.0"), "1.1 feature"),
+], ids=["feature-not-declared", "tensor-missing", "wrong-shape", "version-1.0"])
+def test_output_bias_damage_is_refused(bias_pair, damage, match):
+    _edit_manifest(bias_pair[1], damage)
+    _check(bias_pair, seif.FormatError, match)
 
 
 def test_newer_minor_with_unknown_optional_fields_loads(pair):

@@ -301,6 +301,48 @@ def test_bfloat16_weights_compute_in_fp32():
                                   moe_forward(x.astype(np.float32), layer, p32))
 
 
+def test_output_bias_jetmoe_hand_case():
+    """§5.16: softmax over the top-2 logits (JetMoE), a gated shared expert, then the bias on
+    every token, a dropped one included."""
+    shared = SharedExpertsSpec(1, FFNSpec(2, "relu"), gate=True)
+    spec = RoutingSpec(top_k=2, scoring="softmax_topk", capacity=Capacity(tokens=1))
+    layer = dataclasses.replace(layer_of(spec, shared=shared), output_bias=True)
+    bias = f32([0.5, -2.0])
+    p = MoEParams(router_weight=ROUTER, experts=scaled_experts(4, 2),
+                  shared=scaled_experts(1, 2), shared_gate=f32([[1, -1]]), output_bias=bias)
+    x = f32([[1, 2], [1, 2]])
+    # token 0: experts 2, 1 (logits 3, 2) with weights softmax([3, 2]); token 1 picks the same
+    # experts and is dropped from both (capacity 1); shared = sigmoid(1 - 2) * x for both.
+    w2, w1 = sig(1), sig(-1)
+    routed0 = (w2 * 3 + w1 * 2) * X[0]
+    shared = sig(-1) * X[0]
+    want = [routed0 + shared + bias, shared + bias]
+    np.testing.assert_allclose(moe_forward(x, layer, p), want, rtol=1e-6)
+    assert moe_forward(x[:0], layer, p).shape == (0, 2)
+
+
+def test_output_bias_errors():
+    layer = dataclasses.replace(layer_of(RoutingSpec(top_k=2)), output_bias=True)
+    good = MoEParams(router_weight=ROUTER, experts=scaled_experts(4, 2),
+                     output_bias=f32([1, 2]))
+    with pytest.raises(RoutingError):   # bias [H + 1]
+        moe_forward(X, layer, dataclasses.replace(good, output_bias=f32([1, 2, 3])))
+    with pytest.raises(RoutingError):   # declared, not given
+        moe_forward(X, layer, dataclasses.replace(good, output_bias=None))
+    with pytest.raises(RoutingError):   # given, not declared
+        moe_forward(X, dataclasses.replace(layer, output_bias=False), good)
+
+
+def test_output_bias_round_trips_canonical_names():
+    layer = dataclasses.replace(layer_of(RoutingSpec(top_k=2), act="swiglu"), output_bias=True)
+    p = random_layer_params(layer, np.random.default_rng(3))
+    tensors = p.to_tensors(layer)
+    assert tensors["layers.0.output_bias"].shape == (2,)
+    assert set(tensors) == set(layer.expected_tensors())
+    back = MoEParams.from_tensors(layer, tensors.__getitem__)
+    np.testing.assert_array_equal(back.output_bias, p.output_bias)
+
+
 def test_shape_errors():
     layer = layer_of(RoutingSpec(top_k=2))
     good = MoEParams(router_weight=ROUTER, experts=scaled_experts(4, 2))

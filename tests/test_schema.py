@@ -243,10 +243,19 @@ def case_expert_subset():
                           model=ModelInfo())
 
 
+def case_jetmoe_output_bias():
+    """SEIF 1.1: JetMoE's layer output bias (two layers, the second also has a shared gate)."""
+    routing = RoutingSpec("topk", 2, scoring="softmax_topk")
+    shared = SharedExpertsSpec(1, FFNSpec(6, "swiglu"), gate=True)
+    return build_manifest([_layer(0, routing=routing, output_bias=True),
+                           _layer(1, routing=RoutingSpec("topk", 2, scoring="softmax_topk"),
+                                  shared=shared, output_bias=True)])
+
+
 CASES = [case_mixtral, case_qwen2_shared_gate, case_deepseek_v3_fp8, case_deepseek_v2,
          case_expert_choice, case_sparse_mixer, case_soft_moe, case_switch_capacity,
          case_llama4_weight_on_input, case_gpt_oss_mxfp4, case_dbrx_lp, case_ernie_int_group,
-         case_aliases, case_expert_subset]
+         case_aliases, case_expert_subset, case_jetmoe_output_bias]
 
 
 # --------------------------------------------------------------------------- (a) valid manifests
@@ -469,6 +478,55 @@ INVALID = {
         FormatError),
     "unknown checksum algorithm": (_set(lambda d: d, "checksum_algorithm", "md5"), FeatureError),
 }
+
+
+def _bias_doc() -> dict:
+    return case_jetmoe_output_bias().to_dict()
+
+
+def test_output_bias_manifest_is_version_1_1_and_others_stay_1_0():
+    """Spec §7.1: the version written is the lowest whose rules the checkpoint follows."""
+    doc = _bias_doc()
+    assert doc["seif_version"] == "1.1"
+    assert "layer.output_bias" in doc["required_features"]
+    assert doc["layers"][0]["output_bias"] is True
+    assert doc["tensors"]["layers.0.output_bias"]["shape"] == [8]
+    for case in CASES[:-1]:
+        plain = case().to_dict()
+        assert plain["seif_version"] == "1.0"
+        assert all("output_bias" not in layer for layer in plain["layers"])
+    again = Manifest.from_dict(copy.deepcopy(doc))
+    assert again.seif_version == "1.1" and again.layers[1].output_bias
+
+
+OUTPUT_BIAS_INVALID = {
+    "feature not declared": (lambda d: d["required_features"].remove("layer.output_bias"),
+                             FormatError, False),
+    "tensor missing": (lambda d: d["tensors"].pop("layers.1.output_bias"), FormatError, False),
+    "wrong shape": (lambda d: d["tensors"]["layers.0.output_bias"].update(shape=[9]),
+                    FormatError, False),
+    "version 1.0": (lambda d: d.update(seif_version="1.0"), FormatError, False),
+    "not a boolean": (lambda d: d["layers"][0].update(output_bias="yes"), FormatError, True),
+}
+
+
+@pytest.mark.parametrize("name", list(OUTPUT_BIAS_INVALID))
+def test_output_bias_invalid_is_refused(name):
+    """Cross-field rules (§4.1, §7.2) are the reader's; the schema sees only field types."""
+    mutate, error, schema_sees = OUTPUT_BIAS_INVALID[name]
+    doc = _bias_doc()
+    mutate(doc)
+    assert bool(schema_errors(doc)) == schema_sees
+    with pytest.raises(error):
+        Manifest.from_dict(copy.deepcopy(doc))
+
+
+def test_reader_without_output_bias_refuses_with_feature_error(monkeypatch):
+    """What a SEIF 1.0 reader does with a 1.1 output-bias checkpoint: FeatureError (§7.2)."""
+    from seif import manifest as mf
+    monkeypatch.setattr(mf, "KNOWN_FEATURES", mf.KNOWN_FEATURES - {"layer.output_bias"})
+    with pytest.raises(FeatureError, match="layer.output_bias"):
+        Manifest.from_dict(_bias_doc())
 
 
 @pytest.mark.parametrize("name", list(INVALID))

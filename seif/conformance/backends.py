@@ -143,6 +143,8 @@ def _combine(x: np.ndarray, layer: LayerSpec, params: MoEParams, res: RoutingRes
         if params.shared_gate is not None:
             sh = _sigmoid(x @ params.shared_gate.astype(dt).T) * sh
         out += sh
+    if params.output_bias is not None:
+        out += params.output_bias.astype(dt)
     return out
 
 

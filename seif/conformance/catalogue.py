@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from ..manifest import (
-    SEIF_VERSION,
+    SPEC_VERSION,
     Capacity,
     FFNSpec,
     LayerSpec,
@@ -34,7 +34,7 @@ from ..moe import random_layer_params
 from .cases import Case, matches, save_case
 from .reference import Ambiguous, moe_expected, router_expected
 
-SUITE_VERSION = "1.0.0"      # catalogue version; MAJOR.MINOR follow the spec version
+SUITE_VERSION = "1.1.0"      # catalogue version; MAJOR.MINOR follow the spec version
 DEFAULT_SEED = 20261101
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
@@ -438,6 +438,7 @@ def moe_cases(seed: int) -> list[Case]:
                                      f"{ref}, §5.13, §6.1", dt))
     out += _moe_edges(seed)
     out += _moe_quantized(seed)
+    out += _moe_output_bias(seed)
     return out
 
 
@@ -678,6 +679,43 @@ def _moe_quantized(seed: int) -> list[Case]:
     return out
 
 
+def _biased(layer: LayerSpec) -> LayerSpec:
+    layer.output_bias = True
+    return layer
+
+
+def _moe_output_bias(seed: int) -> list[Case]:
+    """SEIF 1.1 `output_bias` (§5.16): added to every token's output, routed, dropped or
+    unchosen alike, after the shared experts. Appended last so no 1.0 case id or digest moves."""
+    out = []
+
+    def add(name, layer, T, desc, ref, dt="fp32"):
+        out.append(_moe_case(seed, f"moe/{name}/{dt}", _plain(_biased(layer), T, dt), desc,
+                             f"{ref}, §5.16", dt, ["output-bias"]))
+
+    jet = lambda: _R(k=2, scoring="softmax_topk")  # noqa: E731  (JetMoE's router)
+    for dt in DTYPES:
+        add("topk/output-bias/swiglu", _layer(8, jet()), 8, "JetMoE-shaped layer: top-2 "
+            "softmax over the k logits, SwiGLU experts, a layer output bias", "§5.3", dt)
+    add("topk/output-bias-shared-gated/gelu", _layer(8, _R(k=2, normalize="sum"), act="gelu",
+                                                     bias=True, shared=SharedExpertsSpec(
+                                                         1, FFNSpec(8, "swiglu"), gate=True)),
+        8, "output bias added after a gated shared expert and biased experts", "§5.14")
+    add("topk/output-bias-capacity/relu", _layer(4, _R(k=2, normalize="sum",
+                                                       capacity=Capacity(tokens=3)),
+                                                 act="relu"), 16,
+        "capacity 3: a token whose assignments are all dropped still gets the bias", "§5.6")
+    add("expert_choice/output-bias/swiglu", _layer(4, MOE_KINDS["expert_choice"][0]()), 8,
+        "expert choice: tokens no expert picked get the bias alone", "§5.10")
+    add("soft_moe/output-bias/swiglu", _layer(4, MOE_KINDS["soft_moe"][0]()), 8,
+        "Soft MoE plus a layer output bias", "§5.12")
+    add("sparse_mixer/output-bias/swiglu", _layer(4, MOE_KINDS["sparse_mixer"][0]()), 8,
+        "sparse mixer plus a layer output bias", "§5.11")
+    add("topk/output-bias-T0/swiglu", _layer(8, jet()), 0, "T = 0 with an output bias: output "
+        "[0, H]", "§5.1")
+    return out
+
+
 # ================================================================================ catalogue
 def build_catalogue(seed: int = DEFAULT_SEED) -> list[Case]:
     """Compute every case afresh, in catalogue order (router, moe, format)."""
@@ -719,7 +757,7 @@ def generate(out: Path, seed: int = DEFAULT_SEED, k: str | None = None,
         digests = {str(p.relative_to(out)): _file_digest(p) for p in files}
         entries.append({"id": case.id, "kind": case.kind, "files": digests,
                         "digest": case_digest(digests)})
-    index = {"suite_version": SUITE_VERSION, "spec_version": SEIF_VERSION, "seed": seed,
+    index = {"suite_version": SUITE_VERSION, "spec_version": SPEC_VERSION, "seed": seed,
              "filter": k, "cases": entries,
              "digest": hashlib.sha256("".join(e["digest"] + e["id"] + "\n"
                                               for e in entries).encode()).hexdigest()}

@@ -321,7 +321,17 @@ VALID: list[tuple[str, str, str, Callable]] = [
      lambda rng: (_Spec(), _extra_files)),
     ("symlink-inside", "§9.3", "a shard that is a symlink to a file inside the checkpoint",
      lambda rng: (_Spec(), _symlink_inside)),
+    ("output-bias", "§4.1, §4.2, §5.16, §7.2", "SEIF 1.1: a layer with output_bias, "
+     "layer.output_bias declared, seif_version 1.1",
+     lambda rng: (_Spec(_output_bias_layers()), None)),
 ]
+
+
+def _output_bias_layers() -> list[LayerSpec]:
+    """The default two layers, the first with a SEIF 1.1 output bias (JetMoE)."""
+    layers = _layers()
+    layers[0].output_bias = True
+    return layers
 
 
 def _aliased(rng) -> _Spec:
@@ -582,6 +592,26 @@ MALFORMED: list[tuple[str, str, str, str, Callable | None]] = [
      "checksum is wrong (deep check)", _m(_fake_checksum)),
 ]
 
+def _reshape_output_bias(m):
+    """[8] -> [2, 4]: same bytes (so offsets and header agree), the wrong shape for §4.1."""
+    m["tensors"]["layers.0.output_bias"]["shape"] = [2, 4]
+
+
+# SEIF 1.1 output bias, damaged one way each (a _Spec with _output_bias_layers()).
+OUTPUT_BIAS_MALFORMED = [
+    ("output-bias/feature-not-declared", "FormatError", "§4.2, §7.2", "output_bias used "
+     "without layer.output_bias in required_features", _drop_feature("layer.output_bias")),
+    ("output-bias/tensor-missing", "FormatError", "§4.1, §9.9", "output_bias declared but "
+     "tensor layers.0.output_bias is missing",
+     _m(lambda m: m["tensors"].pop("layers.0.output_bias"))),
+    ("output-bias/wrong-shape", "FormatError", "§4.1", "layers.0.output_bias has shape "
+     "[2, 4] instead of [H] = [8]", _m(_reshape_output_bias)),
+    ("output-bias/version-1.0", "FormatError", "§7.1, §7.2", "layer.output_bias in a "
+     "manifest that says seif_version 1.0", _m(lambda m: m.update(seif_version="1.0"))),
+    ("output-bias/not-boolean", "FormatError", "§4.2", "output_bias is the number 1",
+     _m(lambda m: m["layers"][0].update(output_bias=1))),
+]
+
 QUANT_MALFORMED = [
     ("quant/feature-not-declared", "FormatError", "§3.3.1, §7.2", "a quantized tensor "
      "without quant.fp8-block declared", _m(_quant_missing_feature)),
@@ -603,10 +633,12 @@ def format_cases(seed: int) -> list[Case]:
         expected = {f"t/{k}": v for k, v in spec.real_values().items()}
         out.append(Case(cid, "format", desc + " (must load)", ref, "exact", expected=expected,
                         build=_builder(spec, post), tags=("accept",)))
-    for name, error, ref, desc, damage in MALFORMED + QUANT_MALFORMED:
+    for name, error, ref, desc, damage in MALFORMED + QUANT_MALFORMED + OUTPUT_BIAS_MALFORMED:
         cid = f"format/malformed/{name}"
         if name.startswith("quant/"):
             spec = _q_spec("fp8-block", case_rng(seed, cid))
+        elif name.startswith("output-bias/"):
+            spec = _Spec(_output_bias_layers())
         else:
             spec = _Spec()
         spec.materialize(case_rng(seed, cid, 1))

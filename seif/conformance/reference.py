@@ -225,7 +225,8 @@ def moe_expected(layer: LayerSpec, x: np.ndarray, params: MoEParams) -> tuple[di
                         else params.selection_bias.astype(F64)),
         experts=[{k: v.astype(F64) for k, v in d.items()} for d in params.experts],
         shared=[{k: v.astype(F64) for k, v in d.items()} for d in params.shared],
-        shared_gate=None if params.shared_gate is None else params.shared_gate.astype(F64))
+        shared_gate=None if params.shared_gate is None else params.shared_gate.astype(F64),
+        output_bias=None if params.output_bias is None else params.output_bias.astype(F64))
     y = moe_forward(x64, layer, p64, dtype=F64)
     ex = {"y": y}
     info = {"alternatives": 0, "ties": False}

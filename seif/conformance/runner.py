@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SeifError
-from ..manifest import SEIF_VERSION
+from ..manifest import SPEC_VERSION
 from .cases import Case, slug
 from .tolerance import TOLERANCES, Diff, _rank_key, compare_arrays
 
@@ -69,7 +69,7 @@ class Report:
     def to_dict(self) -> dict:
         from .catalogue import SUITE_VERSION
         return {
-            "suite_version": SUITE_VERSION, "spec_version": SEIF_VERSION,
+            "suite_version": SUITE_VERSION, "spec_version": SPEC_VERSION,
             "backend": self.backend,
             "summary": {s: self.count(s) for s in (PASS, TIE, FAIL, NA)}
             | {"total": len(self.results),
