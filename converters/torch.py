@@ -180,7 +180,8 @@ class SparseMoE(nn.Module):
     Parameters (stacked per expert): `router_weight` [E, H] ([E*S, H] for soft_moe),
     `router_bias` [E], buffer `selection_bias` [E], `gate_proj` / `up_proj` [E, I, H],
     `down_proj` [E, H, I] (+ `*_bias`), shared experts `shared_gate_proj` / `shared_up_proj`
-    [n, I_s, H], `shared_down_proj` [n, H, I_s] (+ biases) and `shared_expert_gate` [1, H].
+    [n, I_s, H], `shared_down_proj` [n, H, I_s] (+ biases) and `shared_expert_gate` [1, H],
+    and `output_bias` [H] (SEIF 1.1, JetMoE: added last, spec §5.16).
 
     `grouped_mm`: None chooses per call (`_dispatch`: on CPU the per-expert loop for float32
     experts with 4+ rows on average, bf16 with 32+, else grouped), True forces
@@ -217,6 +218,7 @@ class SparseMoE(nn.Module):
         if se is not None:
             self._ffn_params("shared_", se.ffn, se.count, param)
         self.shared_expert_gate = param(1, H) if se is not None and se.gate else None
+        self.output_bias = param(H) if layer.output_bias else None
 
     def _ffn_params(self, prefix: str, ffn: FFNSpec, n: int, param) -> None:
         H, I = self.spec.hidden_size, ffn.intermediate_size
@@ -277,6 +279,10 @@ class SparseMoE(nn.Module):
             module._put_ffns("shared_", se.ffn, params.shared, put)
             if se.gate:
                 put("shared_expert_gate", params.shared_gate, True)
+        if layer.output_bias:
+            put("output_bias", params.output_bias, True)
+        elif params.output_bias is not None:
+            raise RoutingError("output bias given but the layer's output_bias is not set")
         return module
 
     @staticmethod
@@ -335,6 +341,8 @@ class SparseMoE(nn.Module):
             raise RoutingError(f"unknown routing kind {kind!r}")
         if self.spec.shared_experts is not None:
             out = out + self._shared(x)
+        if self.output_bias is not None:      # after routed + shared (spec §5.16)
+            out = out + self.output_bias.float()
         return out
 
     # -- routing
