@@ -11,6 +11,7 @@ kernel convention::
                   "down": {"kernel": [E, I, H], "bias": [E, H]}},   # biases only if ffn.bias
       "shared_experts": {same, stacked over the S shared experts},  # if the layer has them
       "shared_gate": {"kernel": [H, 1]},                            # if they are gated
+      "output_bias": {"bias": [H]},                 # SEIF 1.1 layer output bias (JetMoE)
     }
 
 SEIF stores experts one by one in torch's ``[out, in]`` orientation; loading transposes and
@@ -154,6 +155,8 @@ def tensors_to_params(layer: LayerSpec, get: Callable[[str], np.ndarray]) -> dic
         if layer.shared_experts.gate:
             params["shared_gate"] = {"kernel": np.ascontiguousarray(
                 get(layer.shared_gate_name()).T)}
+    if layer.output_bias:
+        params["output_bias"] = {"bias": get(layer.output_bias_name())}
     return params
 
 
@@ -198,6 +201,8 @@ def params_to_tensors(layer: LayerSpec, params: Mapping) -> dict[str, np.ndarray
         if layer.shared_experts.gate:
             out[layer.shared_gate_name()] = np.ascontiguousarray(
                 arr(params, "shared_gate", "kernel").T)
+    if layer.output_bias:
+        out[layer.output_bias_name()] = arr(params, "output_bias", "bias")
     expected = layer.expected_tensors()
     for name, a in out.items():
         if tuple(a.shape) != expected[name]:
@@ -243,7 +248,7 @@ def _reader(ckpt, dtype, lock: threading.Lock, cast_router: bool = False):
 
 def _shardings(mesh, expert_axis: str):
     """NamedSharding per leaf: routed experts split over `expert_axis` on their stacking axis,
-    everything else (router, shared experts, shared gate) replicated."""
+    everything else (router, shared experts, shared gate, output bias) replicated."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -289,6 +294,8 @@ def _layer_shapes(layer: LayerSpec, get_info) -> dict:
         tree["shared_experts"] = group(True, layer.shared_experts.count)
         if layer.shared_experts.gate:
             tree["shared_gate"] = {"kernel": (H, 1)}
+    if layer.output_bias:
+        tree["output_bias"] = {"bias": (H,)}
     return tree
 
 
@@ -314,7 +321,9 @@ def _sharded_layer(ckpt, layer: LayerSpec, get, mesh, expert_axis: str) -> dict:
                 ([name(i) for i in range(count)], part)
 
     def small(path: tuple[str, ...]) -> np.ndarray:
-        """Router and shared-gate leaves: one small tensor, read whole."""
+        """Router, shared-gate and output-bias leaves: one small tensor, read whole."""
+        if path[0] == "output_bias":
+            return get(layer.output_bias_name())
         if path[0] == "router":
             name = layer.router_name({"kernel": "weight"}.get(path[1], path[1]))
             a = get(name)
@@ -683,6 +692,12 @@ def _check(params: Mapping, layer: LayerSpec, H: int) -> None:
             raise RoutingError("routing.selection_bias is set but params lack it")
         if r.router_bias and "bias" not in params["router"]:
             raise RoutingError("routing.router_bias is set but params lack router/bias")
+        if layer.output_bias != ("output_bias" in params):
+            raise RoutingError("params must hold output_bias/bias exactly when the layer's "
+                               "output_bias is set (spec §5.16)")
+        if layer.output_bias and tuple(params["output_bias"]["bias"].shape) != (H,):
+            raise RoutingError(f"output_bias/bias is {list(params['output_bias']['bias'].shape)}"
+                               f"; expected [{H}]")
     except (KeyError, TypeError) as exc:
         raise RoutingError(f"params do not fit layer {layer.index}: missing {exc}") from None
 
@@ -742,6 +757,8 @@ def moe_apply(params: Mapping, x, layer: LayerSpec | StaticLayer, *, compute_dty
             g = jnp.matmul(xc, params["shared_gate"]["kernel"].astype(cdt), precision=precision)
             shared = (1.0 / (1.0 + jnp.exp(-g))).astype(cdt) * shared
         out = out + shared
+    if layer.output_bias:                   # last, on every token (spec §5.16)
+        out = out + params["output_bias"]["bias"].astype(cdt)
     return out.astype(cdt)
 
 

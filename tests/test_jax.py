@@ -214,12 +214,38 @@ def test_mismatched_params_are_refused():
         sj.moe_apply(params, jnp.zeros((3, H)), layer)
 
 
+@pytest.mark.parametrize("name", ["topk-softmax_topk-bias", "capacity-tokens-zero",
+                                  "expert_choice-softmax", "soft_moe", "sparse_mixer"])
+@pytest.mark.parametrize("tokens", [T, 0])
+def test_output_bias_matches_reference(name, tokens):
+    """SEIF 1.1 output bias (JetMoE), after a gated shared expert, for every kind of layer."""
+    layer = make_layer(ROUTINGS[name], shared=SharedExpertsSpec(1, FFNSpec(8, "swiglu"), True))
+    layer.output_bias = True
+    check(layer, tokens=tokens)
+
+
+def test_output_bias_params_must_match_the_layer():
+    layer = make_layer(ROUTINGS["topk-softmax_topk-bias"])
+    layer.output_bias = True
+    _, params = params_for(layer)
+    assert params["output_bias"]["bias"].shape == (H,)
+    bad = dict(params, output_bias={"bias": params["output_bias"]["bias"][:5]})
+    with pytest.raises(seif.RoutingError, match="output_bias"):
+        sj.moe_apply(bad, jnp.zeros((3, H)), layer)
+    missing = {k: v for k, v in params.items() if k != "output_bias"}
+    with pytest.raises(seif.RoutingError, match="output_bias"):
+        sj.moe_apply(missing, jnp.zeros((3, H)), layer)
+    with pytest.raises(seif.RoutingError, match="output_bias"):
+        sj.moe_apply(params, jnp.zeros((3, H)), dataclasses.replace(layer, output_bias=False))
+
+
 # --------------------------------------------------------------------------- checkpoints
 def layered_checkpoint(path: Path, dtype=np.float32, num_experts: int = E) -> tuple:
     layers = [make_layer(ROUTINGS["topk-softmax-sum"], num_experts=num_experts, index=1),
               make_layer(ROUTINGS["group-top2-neginf-v3"], "swiglu_oai", bias=True,
                          num_experts=num_experts, index=3,
                          shared=SharedExpertsSpec(1, FFNSpec(I, "swiglu"), True))]
+    layers[1].output_bias = True          # SEIF 1.1 (§5.16): load, shard, save and round-trip it
     rng = np.random.default_rng(7)
     tensors = {"model.embed_tokens.weight": rng.standard_normal((11, H)).astype(dtype)}
     refs = {}
@@ -245,7 +271,8 @@ def test_load_matches_reference_forward(tmp_path):
         np.testing.assert_allclose(np.asarray(got), moe_forward(x, layer, refs[index]),
                                    rtol=0, atol=TOL)
     params, layer = sj.load_layer(tmp_path / "m.seif", 3)
-    assert layer.index == 3 and "shared_gate" in params
+    assert layer.index == 3 and "shared_gate" in params and layer.output_bias
+    assert params["output_bias"]["bias"].shape == (H,)
     dense = sj.load_dense(tmp_path / "m.seif")
     assert sorted(dense) == ["lm_head.weight", "model.embed_tokens.weight"]
 
