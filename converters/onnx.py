@@ -684,7 +684,10 @@ def moe_model(layers_params: list[tuple[LayerSpec, Any]], *, target: str = "port
     extra_opsets = []
     for layer, params in layers_params:
         _check_exportable(layer)
-        out_name = "output" if single else f"output_{layer.index}"
+        final_name = "output" if single else f"output_{layer.index}"
+        # SEIF 1.1 output bias (§5.16): an Add of the [H] bias after the layer's MoE output, so
+        # the op contract (and its kernels) stay what they are; import reads the Add back.
+        out_name = f"layers.{layer.index}.moe_output" if layer.output_bias else final_name
         if target == "ort":
             refusal = ort_lowering_refusal(layer)
             if refusal:
@@ -717,7 +720,9 @@ def moe_model(layers_params: list[tuple[LayerSpec, Any]], *, target: str = "port
                                           **layer_attributes(layer)))
             for f in _functions(layer):
                 functions.setdefault((f.name, _config_key(layer)), f)
-        outputs.append(helper.make_tensor_value_info(out_name, tp.FLOAT, ["T", H]))
+        if layer.output_bias:
+            nodes.append(_output_bias_node(layer, params, out_name, final_name, inits))
+        outputs.append(helper.make_tensor_value_info(final_name, tp.FLOAT, ["T", H]))
     by_name: dict[str, list] = {}
     for (name, _key), f in functions.items():
         by_name.setdefault(name, []).append(f)
@@ -735,6 +740,18 @@ def moe_model(layers_params: list[tuple[LayerSpec, Any]], *, target: str = "port
     if model_info is not None:
         meta["seif.model"] = json.dumps(model_info.to_dict())
     return _make_model(graph, ordered, extra_opsets, meta)
+
+
+def _output_bias_node(layer: LayerSpec, params, moe_out: str, out_name: str, inits: list):
+    """`out_name = moe_out + layers.{l}.output_bias` (float32 [H], like the layer output)."""
+    bias = getattr(params, "output_bias", None)
+    if bias is None or np.shape(bias) != (layer.hidden_size,):
+        raise ConversionError(f"layer {layer.index} declares output_bias but its parameters "
+                              f"hold {None if bias is None else list(np.shape(bias))}; "
+                              f"expected [{layer.hidden_size}]")
+    name = f"layers.{layer.index}.output_bias"
+    inits.append(_initializer(name, np.ascontiguousarray(bias, dtype=np.float32)))
+    return _onnx().helper.make_node("Add", [moe_out, name], [out_name], name=name)
 
 
 # =========================================================================== ORT lowering
@@ -1260,6 +1277,9 @@ def import_layers(model) -> list[tuple[LayerSpec, Any]]:
                 mine = list(graph.node)
             else:
                 mine = [n for n in graph.node if prefix and n.name.startswith(prefix)]
+            # the output bias's Add (read by _read_output_bias) is not part of the router
+            mine = [n for n in mine if not (n.op_type == "Add" and n.name.endswith(
+                ".output_bias"))]
             idx = int(prefix.split(".")[1]) if prefix.startswith("layers.") and \
                 prefix.split(".")[1].isdigit() else fallback
             if _has_shared(graph):
@@ -1267,9 +1287,29 @@ def import_layers(model) -> list[tuple[LayerSpec, Any]]:
                                       "imported yet; export with --target portable",
                                       field=node.name)
             layer, params = _from_ms_moe(node, g, mine, idx)
+        _read_output_bias(graph, g, layer, params, described.get(layer.index))
         _restore_descriptor(layer, described.get(layer.index))
         out.append((layer, params))
     return out
+
+
+def _read_output_bias(graph, g: _Graph, layer: LayerSpec, params, described: dict | None
+                      ) -> None:
+    """The SEIF 1.1 output bias written by `_output_bias_node`: an Add named
+    `layers.{l}.output_bias` of a float [H] initializer. If the exporter's metadata says the
+    layer has one and the graph does not, refuse rather than drop it."""
+    name = f"layers.{layer.index}.output_bias"
+    node = next((n for n in graph.node if n.name == name and n.op_type == "Add"
+                 and n.domain in ("", "ai.onnx")), None)
+    if node is not None:
+        bias = g.inits.get(node.input[1]) if len(node.input) == 2 else None
+        if bias is None or bias.shape != (layer.hidden_size,) or bias.dtype.kind != "f":
+            raise ConversionError(f"Add {name} must add a float [{layer.hidden_size}] "
+                                  f"initializer", field=name)
+        layer.output_bias, params.output_bias = True, bias
+    elif described and described.get("output_bias"):
+        raise ConversionError(f"the model's metadata gives layer {layer.index} an output bias, "
+                              f"but the graph has no Add node {name}", field=name)
 
 
 def _has_shared(graph) -> bool:

@@ -196,6 +196,11 @@ def _export_hook():
 # =========================================================================== checks
 def _refusal(layer) -> str | None:
     r = layer.routing
+    if layer.output_bias:
+        return (f"layer {layer.index}: its SEIF 1.1 output bias (layers.{layer.index}."
+                "output_bias) is not carried through the whole-model export yet; export the "
+                "MoE layers from the SEIF checkpoint (seif convert X.seif Y.onnx --to onnx), "
+                "which writes it as an Add after the SeifMoE node")
     if r.capacity is not None or r.kind in ("expert_choice", "soft_moe"):
         return (f"layer {layer.index}: {_COUPLED}; the exported SeifMoE node would route all "
                 "batch*sequence tokens as one group where the model routes each sequence "

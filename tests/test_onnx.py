@@ -561,3 +561,89 @@ def test_metadata_records_layers(exported):
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["seif.layers"])[0]["routing"]["kind"] == "topk"
     assert {o.domain: o.version for o in model.opset_import} == {"": 21, "ai.seif": 1}
+
+
+# --------------------------------------------------------------------------- SEIF 1.1 output bias
+def _biased(routing, act="swiglu", shared=None, index=0):
+    layer = make_layer(routing, act, shared=shared, index=index)
+    layer.output_bias = True
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["topk_softmax_topk_bias", "expert_choice_tokens", "soft_moe"])
+@pytest.mark.parametrize("evaluator", ["ort", "reference"])
+def test_output_bias_is_an_add_after_the_moe_node(kind, evaluator):
+    """JetMoE's block bias (§5.16): ORT and onnx.reference both match the NumPy reference."""
+    from onnx.reference import ReferenceEvaluator
+    rng = np.random.default_rng(41)
+    layer = _biased(ROUTINGS[kind], shared=SharedExpertsSpec(1, FFNSpec(6, "swiglu"), True))
+    params = random_layer_params(layer, rng)
+    params.output_bias = (params.output_bias * 10).astype(np.float32)   # unmistakable
+    model = sx.moe_model([(layer, params)])
+    onnx.checker.check_model(model, full_check=True)
+    assert [(n.op_type, n.name) for n in model.graph.node][-1] == ("Add", "layers.0.output_bias")
+    for T in (5, 0):
+        x = tokens(rng, T)
+        got = (ort_run(model, x)[0] if evaluator == "ort" else
+               ReferenceEvaluator(model).run(None, {"hidden_states": x})[0])
+        np.testing.assert_allclose(got, moe_forward(x, layer, params), **TOL)
+
+
+def test_output_bias_with_custom_kernels_and_ort_lowering():
+    rng = np.random.default_rng(43)
+    layer = _biased(RoutingSpec("topk", 2, "softmax_topk"))
+    params = random_layer_params(layer, rng)
+    x = tokens(rng, 19)
+    want = moe_forward(x, layer, params)
+    lowered = sx.moe_model([(layer, params)], target="ort")
+    assert ("com.microsoft", "MoE") in _ort_nodes(lowered)
+    np.testing.assert_allclose(ort_run(lowered, x)[0], want, **TOL)
+    so = _kernel_session_options()
+    sess = ort.InferenceSession(sx.moe_model([(layer, params)]).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"hidden_states": x})[0], want, **TOL)
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_output_bias_round_trip_is_byte_identical(tmp_path, target):
+    layers = [_biased(RoutingSpec("topk", 2, "softmax_topk"), index=1),
+              make_layer(RoutingSpec("topk", 2, "softmax_topk"), index=2)]
+    src = tmp_path / "a.seif"
+    _save_layers(src, layers)
+    out = convert(src, tmp_path / "a.onnx", target=target, all_layers=True) \
+        if target == "portable" else convert(src, tmp_path / "a.onnx", target=target, layer=1)
+    back = convert(out, tmp_path / "b.seif", source_format="onnx")
+    if target == "portable":
+        _assert_same_checkpoint(src, back)
+    else:
+        with seif.open(src) as a, seif.open(back) as b:
+            assert b.layers[0].output_bias
+            assert b.tensor("layers.1.output_bias").tobytes() == \
+                a.tensor("layers.1.output_bias").tobytes()
+
+
+def test_output_bias_missing_from_graph_is_refused(tmp_path):
+    """Metadata says the layer has a bias, the graph lost its Add: refuse, never drop it."""
+    src = tmp_path / "a.seif"
+    _save_layers(src, [_biased(ROUTINGS["topk_softmax_sum"])])
+    model = onnx.load(convert(src, tmp_path / "a.onnx"))
+    add = model.graph.node[-1]
+    model.graph.node.remove(add)
+    model.graph.node[-1].output[0] = "output"
+    onnx.save(model, tmp_path / "b.onnx")
+    with pytest.raises(ConversionError, match="output bias"):
+        convert(tmp_path / "b.onnx", tmp_path / "b.seif", source_format="onnx")
+    model = onnx.load(tmp_path / "a.onnx")                 # an Add of a bias of another shape
+    bad = next(t for t in model.graph.initializer if t.name == "layers.0.output_bias")
+    bad.CopyFrom(onnx.numpy_helper.from_array(np.zeros(H + 1, np.float32), bad.name))
+    onnx.save(model, tmp_path / "c.onnx")
+    with pytest.raises(ConversionError, match="output_bias"):
+        convert(tmp_path / "c.onnx", tmp_path / "c.seif", source_format="onnx")
+
+
+def test_whole_model_export_refuses_output_bias():
+    """The transformers whole-model export does not carry the bias yet: it says so."""
+    pytest.importorskip("torch")
+    from seif.converters.onnx_torch import _check_layers
+    with pytest.raises(ConversionError, match="output bias"):
+        _check_layers([_biased(ROUTINGS["topk_softmax_sum"])])

@@ -699,7 +699,8 @@ def _moe_output_bias(seed: int) -> list[Case]:
             "softmax over the k logits, SwiGLU experts, a layer output bias", "§5.3", dt)
     add("topk/output-bias-shared-gated/gelu", _layer(8, _R(k=2, normalize="sum"), act="gelu",
                                                      bias=True, shared=SharedExpertsSpec(
-                                                         1, FFNSpec(8, "swiglu"), gate=True)),
+                                                         1, FFNSpec(8, "gelu", bias=True),
+                                                         gate=True)),
         8, "output bias added after a gated shared expert and biased experts", "§5.14")
     add("topk/output-bias-capacity/relu", _layer(4, _R(k=2, normalize="sum",
                                                        capacity=Capacity(tokens=3)),
