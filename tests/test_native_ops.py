@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -463,6 +465,24 @@ def test_moe_is_deterministic_across_thread_counts():
     b = run_moe(layer, p, x, threads=4)
     c = run_moe(layer, p, x, threads=4)
     assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_moe_forced_fallback_kernels(isa):
+    """SEIF_GEMM_ISA caps the kernel choice (read once per process), so the AVX2 and baseline
+    GEMM builds, which this AVX-512 machine would never pick, are checked here too: a child
+    process reports the chosen kernel, and a child pytest runs the GEMM path tests under it."""
+    env = dict(os.environ, SEIF_GEMM_ISA=isa)
+    probe = ("import ctypes, sys; d = ctypes.CDLL(sys.argv[1]); "
+             "d.SeifOrtBuildInfo.restype = ctypes.c_char_p; print(d.SeifOrtBuildInfo().decode())")
+    info = subprocess.run([sys.executable, "-c", probe, str(LIB)], env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert f"cpu_gemm={isa};" in info + ";"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          __file__, "-k", "gemm_blocks_and_tails or every_activation or "
+                          "deterministic_across_thread_counts or half_precision"],
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-4000:]
 
 
 def test_moe_rejects_wrong_shapes():

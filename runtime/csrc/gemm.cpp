@@ -1,6 +1,10 @@
 // Run-time choice between the AVX-512, AVX2 and baseline GEMM kernels (CPUID): float32 and
 // bfloat16 weights go to the AVX-512 kernel where the CPU has AVX-512F/BW, float16 weights to the
-// AVX2 one (F16C), everything else to the baseline build.
+// AVX2 one (F16C), everything else to the baseline build. SEIF_GEMM_ISA=avx2 or generic (read
+// once) caps the choice, so the fallbacks can be tested on a machine that has AVX-512.
+#include <cstdlib>
+#include <cstring>
+
 #include "seif_kernels.h"
 
 namespace seif {
@@ -23,7 +27,19 @@ void swiglu(const float*, const float*, float*, int64_t);
 #endif
 
 namespace {
+// 2: any kernel, 1: AVX2 at most, 0: the baseline build only (SEIF_GEMM_ISA).
+int isa_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("SEIF_GEMM_ISA");
+    if (!v || !*v || std::strcmp(v, "avx512") == 0) return 2;
+    if (std::strcmp(v, "avx2") == 0) return 1;
+    if (std::strcmp(v, "generic") == 0) return 0;
+    throw Error(std::string("SEIF_GEMM_ISA must be avx512, avx2 or generic, got '") + v + "'");
+  }();
+  return cap;
+}
 bool use_avx2() {
+  if (isa_cap() < 1) return false;
 #if defined(SEIF_HAVE_AVX2_GEMM) && (defined(__x86_64__) || defined(__i386__))
   static const bool ok = [] {
     __builtin_cpu_init();
@@ -36,6 +52,7 @@ bool use_avx2() {
 #endif
 }
 bool use_avx512() {
+  if (isa_cap() < 2) return false;
 #if defined(SEIF_HAVE_AVX512_GEMM) && (defined(__x86_64__) || defined(__i386__))
   static const bool ok = [] {
     __builtin_cpu_init();
