@@ -18,6 +18,9 @@ def summarize(ckpt: Checkpoint) -> dict:
     expert_dtypes: dict[int, set] = {}
     tensors_per_shard: Counter = Counter()
     dense_bytes = dense_count = 0
+    # SEIF 1.1 layer output biases are MoE tensors, not dense ones, though layout files them
+    # with the small (router/dense) tensors.
+    layer_tensors = {layer.output_bias_name() for layer in m.layers if layer.output_bias}
     for name, t in m.tensors.items():
         stored = m.resolve(name)
         tensors_per_shard[stored.shard] += 0 if t.alias_of else 1
@@ -26,7 +29,7 @@ def summarize(ckpt: Checkpoint) -> dict:
             if not t.alias_of:
                 per_expert_bytes[(layer, expert)] += t.nbytes
             expert_dtypes.setdefault(layer, set()).add(t.dtype)
-        elif role == "dense":
+        elif role == "dense" and name not in layer_tensors:
             dense_count += 1
             dense_bytes += 0 if t.alias_of else t.nbytes
     layers = []
@@ -49,6 +52,7 @@ def summarize(ckpt: Checkpoint) -> dict:
             "router_dtype": m.tensors[layer.router_name()].dtype,
             "bytes_per_expert": max(sizes) if sizes else 0,
             "expert_ids": layer.expert_ids,
+            "output_bias": layer.output_bias,
         })
     return {
         "path": str(ckpt.path),
@@ -95,13 +99,14 @@ def print_summary(s: dict, console=None) -> None:
                   f"features: {', '.join(s['required_features']) or 'none'}")
     table = Table(title="MoE layers")
     for col in ("layer", "experts", "top-k", "routing", "scoring", "normalize", "activation",
-                "H x I", "shared", "dtypes", "bytes/expert"):
+                "H x I", "shared", "out bias", "dtypes", "bytes/expert"):
         table.add_column(col)
     for x in s["layers"]:
         table.add_row(str(x["index"]), str(x["num_experts"]), str(x["top_k"]),
                       x["routing_kind"], x["scoring"], x["normalize"], x["activation"],
                       f"{x['hidden_size']}x{x['intermediate_size']}", str(x["shared_experts"]),
-                      ",".join(x["expert_dtypes"]), human_bytes(x["bytes_per_expert"]))
+                      "yes" if x["output_bias"] else "-", ",".join(x["expert_dtypes"]),
+                      human_bytes(x["bytes_per_expert"]))
     console.print(table)
     shards = Table(title=f"Shards (policy {s['layout']['policy']})")
     for col in ("file", "role", "layers", "experts", "tensors", "size"):

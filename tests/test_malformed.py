@@ -90,6 +90,20 @@ def test_output_bias_checkpoint_loads_as_1_1(bias_pair):
     assert seif.validate(bias_pair[0], deep=True)
 
 
+def test_output_bias_shows_in_inspect(bias_pair):
+    from seif.inspect import summarize
+    with seif.open(bias_pair[0]) as ckpt:
+        s = summarize(ckpt)
+    assert s["seif_version"] == "1.1" and "layer.output_bias" in s["required_features"]
+    assert [x["output_bias"] for x in s["layers"]] == [True, False]
+    from seif.layout import classify
+    with seif.open(bias_pair[0]) as ckpt:      # the bias is the layer's, not a dense tensor
+        dense = [n for n in ckpt.tensor_names() if classify(n)[0] == "dense"]
+    assert "layers.0.output_bias" in dense and s["dense"]["tensors"] == len(dense) - 1
+    result = CliRunner().invoke(main, ["inspect", str(bias_pair[0])])
+    assert result.exit_code == 0 and "out bias" in result.output
+
+
 @pytest.mark.parametrize("damage, match", [
     (lambda m: m["required_features"].remove("layer.output_bias"), "layer.output_bias"),
     (lambda m: m["tensors"].pop("layers.0.output_bias"), "output_bias"),
