@@ -4,7 +4,7 @@
 //
 // Two forms, chosen by the number of tokens M (kOuterMinM), never by the thread count:
 //
-// Dot-product form (bfloat16 weights, and float32 weights with few tokens): A (tokens [M, K],
+// Dot-product form (fewer than kOuterMinM tokens): A (tokens [M, K],
 // float32) and B (weights [N, K], the torch layout) are both read along K, so the weights are
 // never packed or transposed and every weight byte is read from memory once per block of kMC
 // tokens. A register tile of MR x NR accumulators of 16 lanes runs along K. Numerics: lane l of
@@ -20,11 +20,12 @@
 // Each 16-lane FMA of this form reads two full vectors, so with the token rows coming from L2 it
 // reached only ~110 GFLOP/s per core (~190 on L1-resident data).
 //
-// Outer-product form (float32 weights, M >= kOuterMinM): tokens are packed k-major in blocks of
-// 64 (4 vectors, 32 KiB per K block of 128: L1), weights are broadcast one element at a time
-// from their torch-layout rows, 6 rows x 64 tokens of accumulators; each output is a plain
-// float32 sum over k in increasing order (one FMA per k), then the bias. Measured 1.3-1.5x the
-// dot form from 48 tokens on. A token's result can differ in the last bits between an expert
+// Outer-product form (M >= kOuterMinM): tokens are packed k-major in blocks of 64 (4 vectors,
+// 32 KiB per K block of 128: L1), weights are broadcast one element at a time from their
+// torch-layout rows (bfloat16 rows are first widened exactly, 6 rows x 128 k at a time, into an
+// L1 buffer), 6 rows x 64 tokens of accumulators; each output is a plain float32 sum over k in
+// increasing order (one FMA per k), then the bias. Measured 1.25-1.5x the dot form from 48
+// tokens on. A token's result can differ in the last bits between an expert
 // that received fewer than kOuterMinM tokens and one that received more (both deterministic).
 //
 // bfloat16 weights: one 64-byte load holds 32 weights; a shift and a mask turn it into the
@@ -53,8 +54,9 @@ constexpr int64_t kKC = 512;     // K per block (a multiple of 32)
 constexpr int64_t kKCBig = 1024; // K per block from kBigM tokens on (fewer partial-sum passes)
 constexpr int64_t kBigM = 48;
 constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not blocked
-// float32 weights and at least this many tokens: the outer-product form below (measured on
-// M x 1408 x 2048: 0.9x the dot form at M = 33, 1.15x at 40, 1.3x at 48, 1.4x at 256).
+// From this many tokens on: the outer-product form below (measured on M x 1408 x 2048, float32
+// weights: 0.9x the dot form at M = 33, 1.15x at 40, 1.3x at 48, 1.4x at 256; bfloat16:
+// 1.1x at 40, 1.15-1.25x at 64, 1.25-1.35x at 256).
 constexpr int64_t kOuterMinM = 40;
 
 // Sum of the 16 lanes in a fixed order: halves, quarters, pairs, then the last two.
@@ -324,7 +326,9 @@ struct OuterArgs {
   int64_t ldc;
   int64_t mb;          // valid tokens
   const float* bias;   // of the tile's rows, or null
-  const float* pf;     // next tile's weight rows (prefetched into L2), or null
+  const char* pf;      // next tile's weight rows (prefetched into L2), or null
+  int64_t pf_ld;       // their stride in bytes
+  int64_t pf_step;     // bytes of a row per 16 k
   int pf_rows;
 };
 
@@ -338,7 +342,7 @@ void outer_tile(const OuterArgs& t) {
   const float* B = t.B;
   for (int64_t k0 = 0; k0 < t.kc; k0 += 16) {
     for (int r = 0; r < t.pf_rows; ++r)  // one line of each of the next tile's rows
-      _mm_prefetch(reinterpret_cast<const char*>(t.pf + r * t.ldb + k0), _MM_HINT_T1);
+      _mm_prefetch(t.pf + r * t.pf_ld + k0 / 16 * t.pf_step, _MM_HINT_T1);
     const int64_t k1 = std::min<int64_t>(k0 + 16, t.kc);
     for (int64_t k = k0; k < k1; ++k) {
       __m512 a[NV];
@@ -383,12 +387,29 @@ OuterFn outer_fn(int nr, int nv) {
   }
 }
 
+// Rows [0, nr) x k [0, kc) of bfloat16 weights (row stride ldb) as float32 into W (stride
+// kOKC): exact, so the tile computes the same products as with float32 weights.
+void widen_rows(const uint16_t* B, int64_t ldb, int nr, int64_t kc, float* W) {
+  for (int r = 0; r < nr; ++r)
+    for (int64_t k = 0; k < kc; k += 32) {
+      const int64_t n = std::min<int64_t>(32, kc - k);
+      const __mmask32 m = n == 32 ? ~0u : static_cast<__mmask32>((1u << n) - 1u);
+      const __m512i x = _mm512_maskz_loadu_epi16(m, B + r * ldb + k);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(x));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1));
+      _mm512_store_si512(W + r * kOKC + k, _mm512_slli_epi32(lo, 16));
+      _mm512_store_si512(W + r * kOKC + k + 16, _mm512_slli_epi32(hi, 16));
+    }
+}
+
 // C[m, n] for n in [n0, n1): K blocks outer (the weight block [n0, n1) x kc is read from
-// memory once and reused by every token block), token blocks, then weight-row tiles.
-void gemm_outer(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
-                const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
-                float* Pbuf, float* Sbuf) {
-  const int64_t N = n1 - n0, nmb = (M + kOMB - 1) / kOMB;
+// memory once and reused by every token block), token blocks, then weight-row tiles. bfloat16
+// weights are widened tile by tile into W (kOR x kOKC floats, L1) first.
+void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A,
+                int64_t lda, const void* B, int64_t ldb, const float* bias, float* C,
+                int64_t ldc, float* Pbuf, float* Sbuf, float* Wbuf) {
+  const int64_t N = n1 - n0, nmb = (M + kOMB - 1) / kOMB, esz = bf16 ? 2 : 4;
+  const char* Bc = static_cast<const char*>(B);
   for (int64_t k0 = 0; k0 < K; k0 += kOKC) {
     const int64_t kc = std::min(kOKC, K - k0);
     for (int64_t mbk = 0; mbk < nmb; ++mbk) {
@@ -397,10 +418,17 @@ void gemm_outer(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, in
       pack_tokens(A + m0 * lda, lda, mb, k0, kc, Pbuf);
       for (int64_t j = 0; j < N; j += kOR) {
         const int nr = static_cast<int>(std::min<int64_t>(kOR, N - j));
+        const char* Bt = Bc + ((n0 + j) * ldb + k0) * esz;
         OuterArgs t;
         t.P = Pbuf;
-        t.B = B + (n0 + j) * ldb + k0;
-        t.ldb = ldb;
+        if (bf16) {
+          widen_rows(reinterpret_cast<const uint16_t*>(Bt), ldb, nr, kc, Wbuf);
+          t.B = Wbuf;
+          t.ldb = kOKC;
+        } else {
+          t.B = reinterpret_cast<const float*>(Bt);
+          t.ldb = ldb;
+        }
         t.kc = kc;
         t.S = Sbuf + (mbk * N + j) * kOMB;
         t.first = k0 == 0;
@@ -410,13 +438,15 @@ void gemm_outer(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, in
         t.mb = mb;
         t.bias = bias ? bias + j : nullptr;
         t.pf = nullptr;
+        t.pf_ld = ldb * esz;
+        t.pf_step = 16 * esz;
         t.pf_rows = 0;
         if (mbk == 0) {  // the first token block brings the weight rows in: prefetch the next
           if (j + kOR < N) {
-            t.pf = B + (n0 + j + kOR) * ldb + k0;
+            t.pf = Bc + ((n0 + j + kOR) * ldb + k0) * esz;
             t.pf_rows = static_cast<int>(std::min<int64_t>(kOR, N - j - kOR));
           } else if (k0 + kc < K) {
-            t.pf = B + n0 * ldb + k0 + kc;
+            t.pf = Bc + (n0 * ldb + k0 + kc) * esz;
             t.pf_rows = static_cast<int>(std::min<int64_t>(kOR, N));
           }
         }
@@ -441,16 +471,16 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       }
     return;
   }
-  if (!bf16 && M >= kOuterMinM) {
+  if (M >= kOuterMinM) {
     const float* fb = nullptr;
     if (bias) {
       float* f = Fbuf.get(n1 - n0);
-      std::memcpy(f, static_cast<const float*>(bias) + n0, static_cast<size_t>(n1 - n0) * 4);
+      to_float(static_cast<const char*>(bias) + n0 * esz, bt, static_cast<size_t>(n1 - n0), f);
       fb = f;
     }
     const int64_t nmb = (M + kOMB - 1) / kOMB;
-    gemm_outer(M, n0, n1, K, A, lda, static_cast<const float*>(B), ldb, fb, C, ldc,
-               Pbuf.get(kOKC * kOMB), Sbuf.get(nmb * (n1 - n0) * kOMB));
+    gemm_outer(bf16, M, n0, n1, K, A, lda, B, ldb, fb, C, ldc, Pbuf.get(kOKC * kOMB),
+               Sbuf.get(nmb * (n1 - n0) * kOMB), Wbuf.get(kOR * kOKC));
     return;
   }
   for (int64_t m0 = 0; m0 < M; m0 += kMC) {
