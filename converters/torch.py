@@ -791,7 +791,10 @@ def _block_path(value, config, l: int) -> str | None:
 
 
 def _looks_like_moe(module: nn.Module) -> bool:
-    return isinstance(module, SparseMoE) or hasattr(module, "experts")
+    """A SparseMoE, a block holding `experts`, or one holding its experts stacked in
+    `input_linear` / `output_linear` beside a `router` (JetMoE's mlp, which has no `experts`)."""
+    return isinstance(module, SparseMoE) or hasattr(module, "experts") or all(
+        hasattr(module, a) for a in ("router", "input_linear", "output_linear"))
 
 
 def _returns_tuple(block: nn.Module, hidden: int) -> bool:

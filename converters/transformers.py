@@ -131,6 +131,14 @@ def _deepseek_v2_routing(cfg: Any) -> RoutingSpec:
                           "installed transformers defines greedy and group_limited_greedy)")
 
 
+def _jetmoe_routing(cfg: Any) -> RoutingSpec:
+    """JetMoeTopKGating: fp32 logits, top-k of the logits, softmax over the k (as GraniteMoE);
+    its load-balancing coefficient is `aux_loss_coef`."""
+    routing = _topk_softmax_over_k(cfg)
+    routing.training.aux_loss_coef = float(getattr(cfg, "aux_loss_coef", 0.0) or 0.0)
+    return routing
+
+
 def _topk_softmax_over_k(cfg: Any) -> RoutingSpec:
     """GraniteMoE(Shared), gpt-oss: top-k of the raw logits, then softmax over the k chosen
     logits (scoring "softmax_topk"); nothing else."""
@@ -464,6 +472,9 @@ class Family:
     # live model: seif.converters.torch.find_moe_block, seif verify's oracle).
     block_alternatives: tuple[str, ...] = ()
     module: str | None = None
+    # The block's own output bias [H], added after the experts (SEIF 1.1 `output_bias`,
+    # tensor `layers.{l}.output_bias`): its suffix under the block (JetMoE: "bias").
+    output_bias: str | None = None
     # Several MoE decoder stacks, in SEIF layer-index order (see the class docstring).
     stacks: tuple[Family, ...] = ()
 
@@ -1195,12 +1206,26 @@ FAMILIES["qwen3_omni_moe"] = Family(
 )
 
 
+FAMILIES["jetmoe"] = Family(
+    model_type="jetmoe",
+    block="model.layers.{l}.mlp",
+    num_experts=lambda c: c.num_local_experts,
+    routing=_jetmoe_routing,
+    expert_ffn=lambda c: FFNSpec(c.intermediate_size, _activation(c, c.activation_function)),
+    router="router.layer",
+    stacked=(Stacked("input_linear.weight", ("gate", "up")),
+             Stacked("output_linear.weight", ("down",))),
+    output_bias="bias",
+    notes="top-k of the fp32 logits, softmax over the k; experts stacked (input_linear "
+          "[E, 2I, H] = gate rows then up rows, output_linear [E, H, I]); the block's bias "
+          "[H] is the SEIF 1.1 output_bias. Its attention is a mixture of attention heads "
+          "(JetMoeMoA, self_attention.experts.*): not an MoE FFN, kept as dense tensors",
+)
+
+
 # MoE families of the installed transformers that are refused on purpose, and why (read off the
 # installed modeling code). Any other unknown model_type is refused too, generically.
 REFUSED: dict[str, str] = {
-    "jetmoe": "its MoE MLP adds a block-level output bias (JetMoeMoE.bias) that no SEIF "
-              "routing or expert field expresses, and its attention is a mixture of attention "
-              "experts (MoA: JetMoeMoA), which SEIF does not describe",
     "axk1": "AXK1MoE passes the MoE output through an RMSNorm (post_mlp_layernorm) inside the "
             "block; SEIF has no output-norm field (its routing is otherwise DeepSeek-V3's)",
     "nemotron_h": "NemotronHExperts are ungated (down(act(up(x)))) with mlp_hidden_act, relu2 "
@@ -1484,6 +1509,11 @@ def _layer_plan(family: Family, cfg: Any, li: int, E: int, layer: LayerSpec,
                        for p, sh in zip(rule.projs, shapes)),)))
         if shared.gate:
             mapping[f"{block}.{family.shared_gate}"] = layer.shared_gate_name()
+    if layer.output_bias:
+        if family.output_bias is None:
+            raise ConversionError(f"layer {li} has an output bias, which the "
+                                  f"{family.model_type} layout has no place for")
+        mapping[f"{block}.{family.output_bias}"] = layer.output_bias_name()
     return mapping, splits
 
 
@@ -1555,7 +1585,8 @@ def _layer_spec(family: Family, cfg: Any, li: int, block: str | None = None,
             shared = SharedExpertsSpec(1, sffn, family.shared_gate is not None)
     return LayerSpec(li if index is None else index, E, int(cfg.hidden_size), routing,
                      family.expert_ffn(cfg), shared,
-                     source_prefix=block or _block(family, cfg, li))
+                     source_prefix=block or _block(family, cfg, li),
+                     output_bias=family.output_bias is not None)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ replace_moe_blocks on tiny transformers models (built from config classes, no do
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -66,6 +68,10 @@ CASES = {
                                shared=SharedExpertsSpec(1, FFNSpec(24, "swiglu"), gate=True)),
     "odd-sizes": layer(RoutingSpec("topk", 2, "softmax"), "swiglu", bias=True, h=18, i=10,
                        e=5),
+    # SEIF 1.1 output bias (JetMoE), after a gated shared expert
+    "jetmoe-output-bias": dataclasses.replace(
+        layer(RoutingSpec("topk", 2, "softmax_topk"),
+              shared=SharedExpertsSpec(1, FFNSpec(16, "swiglu"), gate=True)), output_bias=True),
 }
 
 
@@ -308,6 +314,9 @@ transformers_cases = {
                         num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=2),
     "granitemoeshared": dict(intermediate_size=16, num_local_experts=6, num_experts_per_tok=3,
                              shared_intermediate_size=24),
+    # JetMoeMoE ends with its own bias: SparseMoE's SEIF 1.1 output_bias
+    "jetmoe": dict(intermediate_size=16, num_local_experts=6, num_experts_per_tok=2,
+                   kv_channels=8),
 }
 COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
