@@ -99,8 +99,8 @@ def validate(path: Path, deep: bool, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue a conversion that was interrupted: "
               "shards it finished in DST.partial/ are verified by checksum and reused.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), help="Worker threads that copy and "
-              "hash tensors (default: one per core, at most 4; 1 = no threads). seif and "
-              "transformers sources.")
+              "hash tensors (default: 4 per core, at most 8, as they mostly wait for the disk; "
+              "1 = no threads). seif and transformers sources.")
 @click.option("--layer", type=int, help="ONNX export: the MoE layer (source layer index).")
 @click.option("--all-layers", is_flag=True, help="ONNX export: every MoE layer in one model "
               "(outputs output_<index>; layers must share one configuration).")

@@ -1,6 +1,6 @@
 """The parallel writer: shard checksums per spec §8.1, computed here independently from the
 file bytes; the same bytes whatever `jobs` is; tensors copied from files (`FileRange`) with and
-without the kernel's copy_file_range."""
+without the kernel's copy_file_range, and with direct I/O (taken, refused, short, off)."""
 
 from __future__ import annotations
 
@@ -167,3 +167,83 @@ def test_seif_to_seif_copies_files_and_refuses_a_corrupt_source(tiny, tmp_path):
         convert_seif_to_seif(bad, tmp_path / "from-bad.seif", keep_partial=False)
     assert not (tmp_path / "from-bad.seif").exists()
     assert not (tmp_path / "from-bad.seif.partial").exists()
+
+
+def _direct_fd(fd: int) -> bool:
+    import fcntl
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+@pytest.fixture
+def big_source(tmp_path):
+    """Tensors whose sizes straddle the page and chunk sizes, at unaligned source offsets,
+    so that direct-I/O copies have heads, tails, whole-page tensors and sub-page tensors."""
+    rng = np.random.default_rng(5)
+    sizes = [1, 1023, 1024, 1025, 3 * 1024 + 7, 5000, 12 * 1024, 20_000, 3]  # float32 elements
+    tensors = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate(sizes)}
+    blob = tmp_path / "source.bin"
+    offsets, parts, at = {}, [b"\x07" * 13], 13
+    for name, array in tensors.items():
+        offsets[name] = at
+        parts.append(array.tobytes())
+        at += array.nbytes
+    blob.write_bytes(b"".join(parts))
+    return tensors, blob, offsets
+
+
+def _copy_ranges(path, tensors, blob, offsets, jobs=3, alignment=64):
+    specs = [TensorSpec(k, "F32", v.shape) for k, v in tensors.items()]
+    with seif.CheckpointWriter(path, [], max_shard_bytes=90_000, jobs=jobs,
+                               alignment=alignment) as w:
+        w.plan(specs)
+        for name in reversed(list(tensors)):
+            w.write(name, FileRange(blob, offsets[name]))
+    return path
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
+@pytest.mark.parametrize("case", ["direct", "no-deferral", "refused", "short", "buffered"])
+def test_direct_io_copies_are_byte_exact(tmp_path, monkeypatch, big_source, case):
+    """Direct-I/O copies (page-aligned interior O_DIRECT, partial pages buffered) give the
+    bytes and the §8.1 checksums of plain buffered writes, whatever happens to the direct
+    writes: refused (EINVAL, as on a file system without O_DIRECT), short, or not tried."""
+    import seif.writer as writer
+
+    tensors, blob, offsets = big_source
+    monkeypatch.setattr(writer, "COPY_CHUNK_BYTES", 3 * writer.DIRECT_ALIGN)  # several chunks
+    real_pwrite, direct_calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if _direct_fd(fd):
+            direct_calls.append(offset)
+            assert offset % writer.DIRECT_ALIGN == 0 and len(data) % writer.DIRECT_ALIGN == 0
+            if case == "refused":
+                raise OSError(22, "Invalid argument (test)")
+            if case == "short":
+                return 0
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    if case == "no-deferral":
+        monkeypatch.setattr(writer, "DEFERRED_BYTES", 0)
+    if case == "buffered":
+        monkeypatch.setattr(writer, "_DIRECT", False)
+    out = _copy_ranges(tmp_path / "d.seif", tensors, blob, offsets)
+    monkeypatch.setattr(writer, "_DIRECT", False)
+    reference = _write(tmp_path / "m.seif", tensors, 1, max_shard=90_000)
+    manifest = json.loads((out / "seif.json").read_text())
+    assert len(manifest["shards"]) > 1
+    for f in os.listdir(reference):
+        assert (reference / f).read_bytes() == (out / f).read_bytes(), f
+    for shard in manifest["shards"]:
+        assert shard["checksum"] == _spec_shard_checksum(out / shard["file"])
+    for name, entry in manifest["tensors"].items():
+        assert entry["checksum"] == "sha256:" + hashlib.sha256(tensors[name].tobytes()).hexdigest()
+    probe = writer._open_direct(tmp_path / "m.seif" / manifest["shards"][0]["file"])
+    if case == "buffered":
+        assert direct_calls == []
+    elif probe >= 0:                       # the file system takes O_DIRECT: it was used
+        os.close(probe)
+        assert direct_calls
+    if case == "refused" and probe >= 0:   # the first refusal turns direct I/O off for good
+        assert len(direct_calls) <= 3      # (at most one per worker already under way)
