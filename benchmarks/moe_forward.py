@@ -371,12 +371,17 @@ def hf_eager(module, shape: Shape, dtype) -> Impl:
 class Flush:
     """Evicts the caches between timed calls by reading `nbytes` (>> LLC): otherwise a small
     T, whose few experts fit in the LLC, is timed with its weights cache-hot on every repeat
-    (a real model reads other layers' weights in between). 0 = no flushing."""
+    (a real model reads other layers' weights in between). 0 = no flushing.
+
+    The read is a single-threaded NumPy sum, not a torch one: torch's OpenMP workers keep
+    spinning on the other core for milliseconds after a parallel sum, and the next timed call
+    (an ONNX Runtime session with its own thread pool) then ran on one core for part of its
+    time (measured, SEIF ORT deepseek fp32 T=1, floor 7.5 ms: 11.9 ms after a torch flush,
+    8.1 ms with a 50 ms pause after it, 7.8 ms after this flush; only the kernel's first
+    parallel phase was slow)."""
 
     def __init__(self, nbytes: int):
-        import torch
-
-        self.buf = torch.ones(nbytes // 4, dtype=torch.float32) if nbytes else None
+        self.buf = np.ones(nbytes // 4, dtype=np.float32) if nbytes else None
 
     def __call__(self) -> None:
         if self.buf is not None:
