@@ -758,6 +758,20 @@ def test_dense_layer_with_expert_tensors_is_refused(tmp_path):
     assert not (tmp_path / "out.seif").exists()
 
 
+def test_output_bias_into_a_family_without_one_is_refused(tmp_path):
+    """A SEIF 1.1 output bias has no place in a Mixtral checkpoint: refused, never dropped."""
+    build("mixtral", tmp_path / "hf")
+    src = seif.open(seif.convert.convert(tmp_path / "hf", tmp_path / "m.seif"))
+    tensors = {n: src.tensor(n) for n in src.tensor_names()}
+    layers = src.layers
+    layers[0].output_bias = True
+    tensors[layers[0].output_bias_name()] = np.ones(layers[0].hidden_size, np.float32)
+    biased = seif.save(tmp_path / "b.seif", tensors, layers, model=src.manifest.model)
+    with pytest.raises(ConversionError, match="output bias"):
+        seif.convert.convert(biased, tmp_path / "back", target_format="transformers")
+    assert not (tmp_path / "back").exists()
+
+
 def test_module_import_needs_no_torch():
     import subprocess
     import sys
