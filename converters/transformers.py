@@ -1166,6 +1166,26 @@ FAMILIES["kimi_k25"] = _like_deepseek_v3(
     automodel="AutoModelForImageTextToText", check=_kimi_k25_check)
 
 
+_QWEN4_EXP_TEXT = Family(
+    model_type="qwen4_exp_text",
+    block="model.layers.{l}.mlp",
+    num_experts=lambda c: c.num_experts,
+    routing=_softmax_topk,
+    expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+    shared_module="shared_expert",
+    shared_ffn=lambda c: FFNSpec(c.shared_expert_intermediate_size, _activation(c)),
+    shared_gate="shared_expert_gate.weight",
+    notes="every layer MoE: softmax, top-k, norm_topk_prob (no epsilon); shared expert x "
+          "sigmoid(shared gate) (as qwen3_5_moe). The hyper-connection mixing around the block, "
+          "the hashed n-gram embeddings and the GatedDeltaNet are outside it (dense)",
+)
+FAMILIES["qwen4_exp_text"] = _QWEN4_EXP_TEXT
+FAMILIES["qwen4_exp"] = dataclasses.replace(
+    _QWEN4_EXP_TEXT, model_type="qwen4_exp", block="model.language_model.layers.{l}.mlp",
+    sub_config="text_config", automodel="AutoModelForImageTextToText",
+    notes="as qwen4_exp_text, in the text decoder (model.language_model); vision tower dense")
+
+
 # Qwen3-Omni-MoE: two MoE decoder stacks in one checkpoint. The thinker's text decoder
 # (published thinker.model.layers, in memory thinker.model.language_model.layers) is
 # Qwen3-MoE's block; the talker's decoder (talker.model.layers) is Qwen2-MoE's, with a shared

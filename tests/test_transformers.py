@@ -303,6 +303,18 @@ FAMILY_CONFIGS["minimax_m3_vl"] = (
      "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                     num_attention_heads=2, image_size=28, patch_size=14),
      "configs": {"projector_hidden_size": 32}})
+# Qwen4-Exp: qwen3_5_moe's block in every layer (text model, and the VL wrapper's decoder).
+_QWEN4_EXP = dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
+                  num_experts_per_tok=3, head_dim=8, linear_key_head_dim=8,
+                  linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
+                  layer_types=["linear_attention", "full_attention", "linear_attention"],
+                  indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                  indexer_compress_ratio=2, hc_lowrank=16)
+FAMILY_CONFIGS["qwen4_exp_text"] = (dict(_QWEN4_EXP, norm_topk_prob=False), "mlp")
+FAMILY_CONFIGS["qwen4_exp"] = (
+    dict(_QWEN4_EXP, num_experts_per_tok=2), "mlp",
+    {**_VL_LAYERS, "vision": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                  out_hidden_size=32)})
 # Two MoE stacks: the first element is the thinker's text config, "wrap" nests it with the
 # talker's (another hidden size; mlp_only_layers=[1], which the talker's decoder layer ignores:
 # every talker layer is MoE) and minimal vision / audio / code-predictor / code2wav parts. The
