@@ -1186,6 +1186,62 @@ FAMILIES["qwen4_exp"] = dataclasses.replace(
     notes="as qwen4_exp_text, in the text decoder (model.language_model); vision tower dense")
 
 
+def _mistral4_routing(cfg: Any, *, renormalize: bool | None = None) -> RoutingSpec:
+    """Mistral4TopkRouter (MistralLarge4TextTopkRouter: fp32 logits, renormalize always):
+    softmax over all experts; group score = sum of the top-2 softmax scores per group, keep
+    `topk_group` groups, the rest masked to 0.0; top-k; weights = the scores, / (sum + 1e-20)
+    if norm_topk_prob; x routed_scaling_factor. n_group == topk_group keeps every group: plain
+    top-k."""
+    norm = bool(cfg.norm_topk_prob) if renormalize is None else renormalize
+    n_group, topk_group = int(cfg.n_group or 1), int(cfg.topk_group or 1)
+    common = dict(top_k=int(cfg.num_experts_per_tok), scoring="softmax",
+                  normalize="sum" if norm else "none", epsilon=1e-20 if norm else 0.0,
+                  epsilon_rule="add", scale=float(cfg.routed_scaling_factor),
+                  training=_training(cfg))
+    if n_group == topk_group:
+        return RoutingSpec(kind="topk", **common)
+    return RoutingSpec(kind="group_topk", n_group=n_group, topk_group=topk_group,
+                       group_score="top2_sum", group_mask="zero", **common)
+
+
+FAMILIES["mistral4"] = Family(
+    model_type="mistral4",
+    block="model.layers.{l}.mlp",
+    num_experts=lambda c: c.n_routed_experts,
+    routing=_mistral4_routing,
+    expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+    is_moe_layer=lambda c, layer: layer >= c.first_k_dense_replace,
+    stacked=(Stacked("experts.gate_up_proj", ("gate", "up")),
+             Stacked("experts.down_proj", ("down",))),
+    shared_module="shared_experts",
+    shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts, _activation(c)),
+    automodel="AutoModelForImageTextToText",
+    notes="softmax (model dtype); top-k, or group-limited (top-2 sum, dropped groups 0.0) "
+          "when n_group != topk_group; renormalized (+1e-20) if norm_topk_prob; "
+          "routed_scaling_factor; ungated shared experts; first_k_dense_replace; experts "
+          "stacked on disk as in memory ([E, 2I, H] gate rows then up; [E, H, I])",
+)
+FAMILIES["mistral_large4"] = Family(
+    model_type="mistral_large4",
+    block="layers.{l}",
+    module="model.language_model.layers.{l}.mlp",
+    num_experts=lambda c: c.n_routed_experts,
+    routing=lambda c: _mistral4_routing(c, renormalize=True),
+    expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+    is_moe_layer=_sparse_by_type,
+    experts={"gate": "experts.{e}.w1", "up": "experts.{e}.w3", "down": "experts.{e}.w2"},
+    shared_module="shared_experts",
+    shared={"gate": "{p}.w1", "up": "{p}.w3", "down": "{p}.w2"},
+    shared_ffn=lambda c: FFNSpec(c.moe_intermediate_size * c.n_shared_experts, _activation(c)),
+    sub_config="text_config",
+    automodel="AutoModelForImageTextToText",
+    notes="text decoder (published with Mistral's native names: layers.{l}.gate, "
+          "experts.{e}.w1/w3/w2, shared_experts.w1/w3/w2): as mistral4 but fp32 router and "
+          "always renormalized (+1e-20); MoE where mlp_layer_types[l] == 'sparse'; vision "
+          "tower and projector dense",
+)
+
+
 # Qwen3-Omni-MoE: two MoE decoder stacks in one checkpoint. The thinker's text decoder
 # (published thinker.model.layers, in memory thinker.model.language_model.layers) is
 # Qwen3-MoE's block; the talker's decoder (talker.model.layers) is Qwen2-MoE's, with a shared

@@ -315,6 +315,21 @@ FAMILY_CONFIGS["qwen4_exp"] = (
     dict(_QWEN4_EXP, num_experts_per_tok=2), "mlp",
     {**_VL_LAYERS, "vision": dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
                                   out_hidden_size=32)})
+# Mistral 4: softmax scores, groups masked to 0.0 (4 groups, keep 2), renormalized, scaled;
+# the -nogroup variant is the published 1/1 (plain top-k) without renormalization.
+FAMILY_CONFIGS["mistral4"] = (
+    dict(_DEEPSEEK_LIKE, **{**_MLA, "head_dim": 16}, first_k_dense_replace=1,
+         routed_scaling_factor=1.7), "mlp",     # head_dim = nope + rope (8 breaks its rotary)
+    {"auto": "AutoModelForImageTextToText"})
+FAMILY_CONFIGS["mistral4-nogroup"] = (
+    {**FAMILY_CONFIGS["mistral4"][0], "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+    *FAMILY_CONFIGS["mistral4"][1:])
+# Mistral Large 4: the text decoder of a Pixtral wrapper, saved with Mistral's native names.
+FAMILY_CONFIGS["mistral_large4"] = (
+    dict(_DEEPSEEK_LIKE, **_DSA, **_SPARSE_FROM_1, routed_scaling_factor=1.7), "mlp",
+    {**_VL_LAYERS, "vision": dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, image_size=28, patch_size=14,
+                                  head_dim=8)})
 # Two MoE stacks: the first element is the thinker's text config, "wrap" nests it with the
 # talker's (another hidden size; mlp_only_layers=[1], which the talker's decoder layer ignores:
 # every talker layer is MoE) and minimal vision / audio / code-predictor / code2wav parts. The
