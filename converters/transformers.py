@@ -259,7 +259,8 @@ def _switch_sparse(cfg: Any, layer: int) -> bool:
 
 def _ungated(act: str) -> str:
     table = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-             "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}
+             "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu",
+             "relu2": "relu2"}     # transformers' relu2 = relu(x)^2 (ReLUSquaredActivation)
     if act not in table:
         raise ConversionError(f"activation {act!r} has no SEIF ungated activation yet "
                               f"(supported: {', '.join(table)})")
@@ -1242,6 +1243,33 @@ FAMILIES["mistral_large4"] = Family(
 )
 
 
+def _nemotron_h_check(cfg: Any) -> None:
+    """NemotronHMoE with moe_latent_size set runs the routed experts in a latent space
+    (fc1_latent_proj before, fc2_latent_proj after); SEIF has no latent projection."""
+    if cfg.moe_latent_size is not None:
+        raise ConversionError(f"nemotron_h with moe_latent_size={cfg.moe_latent_size}: its "
+                              "routed experts run in a latent space (fc1_latent_proj H -> "
+                              "latent before them, fc2_latent_proj after), which SEIF has no "
+                              "field for; only moe_latent_size null is mapped")
+    _no_mlp_bias(cfg)
+
+
+FAMILIES["nemotron_h"] = _like_deepseek_v3(
+    "nemotron_h", "DeepSeek-V3 router (fp32 sigmoid, selection bias, group-limited top-k, "
+    "+1e-20, routed scaling); ungated experts and shared expert (up, down; mlp_hidden_act, "
+    "relu2 = relu(x)^2 by default); MoE where layers_block_type[l] == 'moe' (Mamba and "
+    "attention layers dense); moe_latent_size (latent projections) and mlp_bias refused",
+    block="backbone.layers.{l}.mixer", module="model.layers.{l}.mixer",
+    num_experts=lambda c: c.n_routed_experts,
+    expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _ungated(c.mlp_hidden_act)),
+    is_moe_layer=lambda c, layer: c.layers_block_type[layer] == "moe",
+    experts={"up": "experts.{e}.up_proj", "down": "experts.{e}.down_proj"},
+    shared={"up": "{p}.up_proj", "down": "{p}.down_proj"},
+    shared_ffn=lambda c: FFNSpec(c.moe_shared_expert_intermediate_size,
+                                 _ungated(c.mlp_hidden_act)),
+    check=_nemotron_h_check)
+
+
 # Qwen3-Omni-MoE: two MoE decoder stacks in one checkpoint. The thinker's text decoder
 # (published thinker.model.layers, in memory thinker.model.language_model.layers) is
 # Qwen3-MoE's block; the talker's decoder (talker.model.layers) is Qwen2-MoE's, with a shared
@@ -1304,9 +1332,6 @@ FAMILIES["jetmoe"] = Family(
 REFUSED: dict[str, str] = {
     "axk1": "AXK1MoE passes the MoE output through an RMSNorm (post_mlp_layernorm) inside the "
             "block; SEIF has no output-norm field (its routing is otherwise DeepSeek-V3's)",
-    "nemotron_h": "NemotronHExperts are ungated (down(act(up(x)))) with mlp_hidden_act, relu2 "
-                  "by default (relu squared), and NemotronHMoE may wrap them in latent "
-                  "projections (moe_latent_size); SEIF 1.0 has neither",
     "ernie4_5_vl_moe": "each MoE layer holds a text MoE and a vision MoE, chosen per token by "
                        "its modality (moe_mm_token_type_ids); SEIF describes one router per "
                        "layer",
