@@ -1343,11 +1343,34 @@ REFUSED: dict[str, str] = {
                 "top-2 router has capacity positions shared across the two choices, "
                 "normalize-before/after-dropping and a random second-expert policy applied "
                 "at inference; there is no correct reference to verify a mapping against",
-    **dict.fromkeys(("hy_v4", "hy_v4_vl", "glm5_next"),
-                    "its experts and shared experts use a clamped SwiGLU without alpha or +1 "
+    **dict.fromkeys(("hy_v4", "hy_v4_vl"),
+                    "its routed experts use a clamped SwiGLU without alpha or +1 "
                     "(silu(min(gate, swiglu_limit)) * clip(up, +-swiglu_limit)); SEIF's clamped "
                     "SwiGLU (swiglu_oai) computes gate * sigmoid(alpha * gate) * (up + 1) "
-                    "(the router is otherwise DeepSeek-V3's)"),
+                    "(its shared experts are plain SwiGLU, the router is DeepSeek-V3's)"),
+    "glm5_next": "its experts and shared experts use a clamped SwiGLU without alpha or +1 "
+                 "(silu(min(gate, swiglu_limit)) * clip(up, +-swiglu_limit)); SEIF's clamped "
+                 "SwiGLU (swiglu_oai) computes gate * sigmoid(alpha * gate) * (up + 1) "
+                 "(the router is otherwise DeepSeek-V3's)",
+    "deepseek_v4": "its hash_moe layers pick experts from a frozen table indexed by the token "
+                   "id (ffn.gate.tid2eid: the token ids would be a second layer input), its "
+                   "other layers score with sqrt(softplus(logits)), and its routed and shared "
+                   "experts use a clamped SwiGLU without alpha or +1 (silu(min(gate, "
+                   "swiglu_limit)) * clip(up, +-swiglu_limit)); SEIF has none of these",
+    "longcat_flash": "its router also scores zero_expert_num identity experts (choosing one "
+                     "adds weight * x, no FFN) beyond the n_routed_experts FFN experts; SEIF "
+                     "has no identity experts (the routing is otherwise SEIF's: softmax, "
+                     "selection bias, no renormalization, routed_scaling_factor)",
+    **dict.fromkeys(("gemma4", "gemma4_text", "diffusion_gemma", "diffusion_gemma_text"),
+                    "its router reads the residual stream through an unweighted RMSNorm times "
+                    "router.scale and hidden_size^-0.5 and multiplies the renormalized weights "
+                    "by a learned per_expert_scale; its experts see their own RMSNorm of the "
+                    "residual (pre_feedforward_layernorm_2) and their sum passes another "
+                    "(post_feedforward_layernorm_2); SEIF has no router input norm, per-expert "
+                    "scale or expert input / output norms (there is no router logit softcap)"),
+    **dict.fromkeys(("gemma4_unified", "gemma4_unified_text"),
+                    "it has no MoE layers (its decoder layers have only a dense MLP; the "
+                    "config drops num_experts / top_k_experts): nothing for SEIF to describe"),
     "inkling": "its shared experts are weighted by the router: one softmax over the "
                "logsigmoids of the k routed and the shared experts' logits, times route_scale "
                "and a learned global_scale; SEIF's shared experts are ungated or "
@@ -1359,17 +1382,19 @@ REFUSED: dict[str, str] = {
     "muse_spark": "its MoE runs the experts in a latent space (pre_expert_proj + centered "
                   "RMSNorm before, post_expert_proj after), applies an RMSNorm to each expert's "
                   "output, and scales router logits by output_multiplier; SEIF has none of these",
-    "nemotron3_5_transcribe": "its text decoder is nemotron_h, whose experts are ungated relu2 "
-                              "MLPs (down(act(up(x)))) with optional latent projections; "
-                              "SEIF 1.0 has neither",
+    "nemo_speechlm": "Nemotron-3.5-Transcribe (model_type nemo_speechlm): its text decoder is "
+                     "nemotron_h (mapped: relu2 experts, DeepSeek-V3 router), but the speech "
+                     "model itself is not mapped yet: its published text MoE layers "
+                     "(llm.model.layers, experts stacked gate_and_up_projs / down_projs) have "
+                     "no verified layout here",
     "vitpose_backbone": "its MoE MLP has no router: the expert is picked per image by the "
                         "caller's dataset_index; SEIF describes routed experts",
     "doge": "DogeCDMoE routes by product keys (top-k over two sqrt(E) key halves, mixing "
             "router logits across tokens) to single-neuron embedding experts (down_embed / "
             "up_embed rows); SEIF describes linear-router top-k over FFN experts",
     "zaya": "its router is an MLP (down_proj, RMSNorm, two GELU layers) whose state carries "
-            "across decoder layers, with an extra skip expert; SEIF routers are one linear "
-            "layer",
+            "across decoder layers, with an extra skip expert that contributes zero (chosen: "
+            "its weight is set to 0); SEIF routers are one linear layer",
 }
 
 

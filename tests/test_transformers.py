@@ -624,7 +624,9 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
                                               ("axk1", "RMSNorm.*inside the block"),
                                               ("ernie4_5_vl_moe", "modality"),
                                               ("step3p7", "clamp after the activation"),
-                                              ("hy_v4", "clamped SwiGLU without alpha or \\+1"),
+                                              ("hy_v4", "routed experts use a clamped SwiGLU "
+                                                        "without alpha or \\+1.*shared experts "
+                                                        "are plain"),
                                               ("hy_v4_vl", "clamped SwiGLU without alpha"),
                                               ("glm5_next", "clamped SwiGLU without alpha"),
                                               ("inkling", "shared experts are weighted by "
@@ -633,10 +635,19 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
                                               ("inkling2_loop", "softcapped SwiGLU"),
                                               ("muse_spark", "latent space.*RMSNorm"),
                                               ("doge", "product keys"),
-                                              ("nemotron3_5_transcribe",
-                                               "text decoder is nemotron_h.*relu2"),
+                                              ("nemo_speechlm", "text decoder is nemotron_h"),
+                                              ("deepseek_v4", "token id.*sqrt\\(softplus"),
+                                              ("longcat_flash", "identity experts"),
+                                              ("gemma4", "per_expert_scale.*no router input "
+                                                         "norm"),
+                                              ("gemma4_text", "per_expert_scale"),
+                                              ("diffusion_gemma", "per_expert_scale"),
+                                              ("diffusion_gemma_text", "per_expert_scale"),
+                                              ("gemma4_unified", "no MoE layers"),
+                                              ("gemma4_unified_text", "no MoE layers"),
                                               ("vitpose_backbone", "no router.*dataset_index"),
-                                              ("zaya", "router is an MLP.*skip expert")])
+                                              ("zaya", "router is an MLP.*skip expert that "
+                                                       "contributes zero")])
 def test_known_unsupported_family_says_why(tmp_path, model_type, match):
     src = tmp_path / "hf"
     src.mkdir()
