@@ -13,7 +13,9 @@ ONE `ai.seif.SeifMoE` node (spec/ops.md), dynamic batch and sequence:
    hidden states", and the `custom_translation_table` entry emits the SeifMoE node with the
    layer's attributes (`seif.converters.onnx.layer_attributes`) and the block's weight tensors
    (initializers) as inputs in contract order. Routing is therefore never traced: no
-   data-dependent `nonzero`, no expert subgraph baked in by the dummy input's routing;
+   data-dependent `nonzero`, no expert subgraph baked in by the dummy input's routing. A SEIF
+   1.1 output bias (JetMoE) is an Add of the bias right after the node, named
+   `layers.<index>.output_bias` as the layer exporter writes it;
 4. the model is fixed up for ONNX Runtime: IR version 10, default opset 21, `ai.seif` v1, every
    SeifMoE node named `layers.<index>.moe` with all 17 inputs, the model-local SeifRouter /
    SeifMoE function bodies of `seif.converters.onnx` attached (so any ONNX runtime runs the file
@@ -39,6 +41,7 @@ No KV cache (use_cache=False): a full-sequence forward.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -169,7 +172,12 @@ def _export_forward(module, hidden_states):
                               f"[T, {H}] or [B, S, {H}]")
     x = hidden_states.reshape(-1, H)
     tensors = [getattr(module, name, None) for name in _SPARSE_NAMES.values()]
-    out = op(x, *tensors, _spec_json(spec)).reshape(hidden_states.shape)
+    # SeifMoE computes the layer without its SEIF 1.1 output bias; the bias is an Add right
+    # after the node (as `seif convert --to onnx` writes it), named by `_finish`.
+    out = op(x, *tensors, _spec_json(dataclasses.replace(spec, output_bias=False)))
+    if module.output_bias is not None:
+        out = out + module.output_bias.to(out.dtype)
+    out = out.reshape(hidden_states.shape)
     if module.return_router_logits:
         bias = module.router_bias
         logits = torch.nn.functional.linear(x.float(), module.router_weight.float(),
@@ -196,11 +204,6 @@ def _export_hook():
 # =========================================================================== checks
 def _refusal(layer) -> str | None:
     r = layer.routing
-    if layer.output_bias:
-        return (f"layer {layer.index}: its SEIF 1.1 output bias (layers.{layer.index}."
-                "output_bias) is not carried through the whole-model export yet; export the "
-                "MoE layers from the SEIF checkpoint (seif convert X.seif Y.onnx --to onnx), "
-                "which writes it as an Add after the SeifMoE node")
     if r.capacity is not None or r.kind in ("expert_choice", "soft_moe"):
         return (f"layer {layer.index}: {_COUPLED}; the exported SeifMoE node would route all "
                 "batch*sequence tokens as one group where the model routes each sequence "
@@ -325,6 +328,8 @@ def _finish(model, layers, replaced: list[str], model_info):
             if name and name not in inits:
                 raise ConversionError(f"SeifMoE weight {name!r} of layer {layer.index} is "
                                       "computed in the graph, not an initializer")
+        if layer.output_bias:
+            _name_output_bias(model.graph, node, layer)
     if layers:
         model.functions.extend(_functions(layers[0]))
     meta = {"seif.target": "portable", "seif.export": "transformers-whole-model",
@@ -334,6 +339,28 @@ def _finish(model, layers, replaced: list[str], model_info):
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     return model
+
+
+def _name_output_bias(graph, node, layer) -> None:
+    """The Add of the layer's output bias right after its SeifMoE node, named
+    `layers.{l}.output_bias` with the bias second, as `--from onnx` reads it back."""
+    import onnx
+    inits = {t.name: t for t in graph.initializer}
+    adds = [n for n in graph.node if n.op_type == "Add" and node.output[0] in n.input]
+    found = None
+    if len(adds) == 1 and len(adds[0].input) == 2:
+        other = [i for i in adds[0].input if i != node.output[0]]
+        t = inits.get(other[0]) if len(other) == 1 else None
+        if t is not None and list(t.dims) == [layer.hidden_size] and \
+                t.data_type == onnx.TensorProto.FLOAT:
+            found = adds[0]
+            del found.input[:]
+            found.input.extend([node.output[0], t.name])
+    if found is None:
+        raise ConversionError(f"layer {layer.index}: the exported graph does not add the output "
+                              "bias right after the SeifMoE node (one Add of a float32 [H] "
+                              "initializer); refusing to write a model that would lose it")
+    found.name = f"layers.{layer.index}.output_bias"
 
 
 def _strip_prefix(graph, prefix: str) -> None:
@@ -371,7 +398,8 @@ def _one_weight_dtype(model, replaced: list[str]) -> None:
     for name in replaced:
         module = model.get_submodule(name)
         target = module.up_proj.dtype
-        for attr in ("router_weight", "router_bias", "selection_bias", "shared_expert_gate"):
+        for attr in ("router_weight", "router_bias", "selection_bias", "shared_expert_gate",
+                     "output_bias"):
             t = getattr(module, attr, None)
             if t is not None and t.dtype != target:
                 t.data = t.data.to(target)

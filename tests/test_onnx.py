@@ -641,9 +641,19 @@ def test_output_bias_missing_from_graph_is_refused(tmp_path):
         convert(tmp_path / "c.onnx", tmp_path / "c.seif", source_format="onnx")
 
 
-def test_whole_model_export_refuses_output_bias():
-    """The transformers whole-model export does not carry the bias yet: it says so."""
+def test_whole_model_export_refuses_a_graph_that_lost_the_bias():
+    """If the traced graph does not add the bias right after SeifMoE, the export refuses."""
     pytest.importorskip("torch")
-    from seif.converters.onnx_torch import _check_layers
+    from seif.converters.onnx_torch import _name_output_bias
+    layer = _biased(ROUTINGS["topk_softmax_sum"])
+    node = onnx.helper.make_node("SeifMoE", ["x"], ["y"], domain="ai.seif", name="layers.0.moe")
+    relu = onnx.helper.make_node("Relu", ["y"], ["z"])
+    graph = onnx.helper.make_graph([node, relu], "g", [], [])
     with pytest.raises(ConversionError, match="output bias"):
-        _check_layers([_biased(ROUTINGS["topk_softmax_sum"])])
+        _name_output_bias(graph, node, layer)
+    bias = onnx.numpy_helper.from_array(np.zeros(H, np.float32), "b")
+    add = onnx.helper.make_node("Add", ["b", "y"], ["z"])
+    graph = onnx.helper.make_graph([node, add], "g", [], [], [bias])
+    _name_output_bias(graph, node, layer)
+    add = graph.node[1]                     # make_graph holds copies of the nodes
+    assert add.name == "layers.0.output_bias" and list(add.input) == ["y", "b"]

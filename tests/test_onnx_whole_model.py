@@ -333,3 +333,33 @@ def test_switch_transformers_is_refused(tmp_path):
         seif.convert.convert(tmp_path / "hf", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".seif-export-")]
+
+
+def test_jetmoe_output_bias_survives_the_whole_model_export(tmp_path):
+    """JetMoE (SEIF 1.1 output bias; its MoA attention is plain graph): each MoE block is one
+    SeifMoE node plus the Add of its bias, the logits match transformers at shapes other than
+    the export's, and `--from onnx` gives back the direct conversion's layers and bytes."""
+    model = build_tiny_hf("jetmoe", tmp_path / "hf",
+                          {**COMMON, "intermediate_size": 16, "num_local_experts": 6,
+                           "num_experts_per_tok": 2, "kv_channels": 8})
+    onnx_torch.register()
+    out = seif.convert.convert(tmp_path / "hf", tmp_path / "model.onnx")
+    m = onnx.load(str(out))
+    moe = [n for n in m.graph.node if (n.domain, n.op_type) == ("ai.seif", "SeifMoE")]
+    adds = {n.name: n for n in m.graph.node if n.name.endswith(".output_bias")}
+    assert sorted(adds) == ["layers.0.output_bias", "layers.1.output_bias"] and len(moe) == 2
+    for node in moe:
+        add = adds[node.name.replace(".moe", ".output_bias")]
+        assert add.op_type == "Add" and add.input[0] == node.output[0]
+    sess = Session(out, library=None)
+    for batch, seq in SHAPES:
+        ids = _ids(batch, seq)
+        assert float(np.abs(sess.run(input_ids=ids)["logits"] - _hf_logits(model, ids)).max()) \
+            <= TOL
+    direct = seif.convert.convert(tmp_path / "hf", tmp_path / "direct.seif")
+    back = seif.convert.convert(out, tmp_path / "back.seif", source_format="onnx")
+    with seif.open(direct) as a, seif.open(back) as b:
+        assert [x.to_dict() for x in b.layers] == [x.to_dict() for x in a.layers]
+        assert all(x.output_bias for x in b.layers)
+        for name in b.tensor_names():
+            assert b.tensor(name).tobytes() == a.tensor(name).tobytes(), name
