@@ -409,11 +409,14 @@ def test_moe_large_token_count_and_odd_sizes():
 
 
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("T", [3, 300])
+@pytest.mark.parametrize("T", [3, 60, 300])
 def test_moe_gemm_blocks_and_tails(wdtype, T):
-    # The CPU GEMM's paths: a few tokens per expert (weights streamed, K not blocked) and many
-    # (K blocks of 512 with partial sums carried, token blocks of 64); H and I are over 512 and
-    # leave tails of the 16- and 32-wide K steps (1100 = 2*512 + 76, 531 = 512 + 19).
+    # The CPU GEMM's paths, by tokens per expert (E=4, k=2): ~1-2 (dot-product form, weights
+    # streamed, K not blocked), ~30 (dot-product form, K blocks of 512 with 16-lane partial sums
+    # carried) and ~150 (outer-product form from 40: token blocks of 64 = 64 + 64 + 22, K blocks
+    # of 128 with partial sums carried, 6-row weight tiles). H and I leave tails of every K step
+    # and block (1100 = 2*512 + 76 = 8*128 + 76, 531 = 512 + 19 = 4*128 + 19) and of the 6-row
+    # tiles (531 = 88*6 + 3, 1100 = 183*6 + 2).
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=1100, I=531, bias=True)
     p = random_layer_params(layer, rng(40))
     if wdtype != "float32":
