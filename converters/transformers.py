@@ -1270,6 +1270,20 @@ FAMILIES["nemotron_h"] = _like_deepseek_v3(
     check=_nemotron_h_check)
 
 
+# Nemotron-3.5-Transcribe (model_type nemo_speechlm): a speech model whose text decoder
+# (AutoModel of text_config, a nemotron_h) is at model.language_model in memory and at
+# llm.model.layers on disk (conversion mapping nemo_speechlm); audio tower, projector and word
+# timestamp head are dense.
+FAMILIES["nemo_speechlm"] = dataclasses.replace(
+    FAMILIES["nemotron_h"], model_type="nemo_speechlm", block="llm.model.layers.{l}.mixer",
+    module="model.language_model.layers.{l}.mixer", sub_config="text_config",
+    automodel="AutoModelForMultimodalLM",
+    notes="Nemotron-3.5-Transcribe: its text decoder (llm.model.layers, per-expert names as "
+          "the installed save_pretrained writes them) as nemotron_h; the NeMo export's stacked "
+          "experts (gate_and_up_projs / down_projs) are not read yet; audio tower, projector "
+          "and word timestamp head dense")
+
+
 # Qwen3-Omni-MoE: two MoE decoder stacks in one checkpoint. The thinker's text decoder
 # (published thinker.model.layers, in memory thinker.model.language_model.layers) is
 # Qwen3-MoE's block; the talker's decoder (talker.model.layers) is Qwen2-MoE's, with a shared
@@ -1382,11 +1396,6 @@ REFUSED: dict[str, str] = {
     "muse_spark": "its MoE runs the experts in a latent space (pre_expert_proj + centered "
                   "RMSNorm before, post_expert_proj after), applies an RMSNorm to each expert's "
                   "output, and scales router logits by output_multiplier; SEIF has none of these",
-    "nemo_speechlm": "Nemotron-3.5-Transcribe (model_type nemo_speechlm): its text decoder is "
-                     "nemotron_h (mapped: relu2 experts, DeepSeek-V3 router), but the speech "
-                     "model itself is not mapped yet: its published text MoE layers "
-                     "(llm.model.layers, experts stacked gate_and_up_projs / down_projs) have "
-                     "no verified layout here",
     "vitpose_backbone": "its MoE MLP has no router: the expert is picked per image by the "
                         "caller's dataset_index; SEIF describes routed experts",
     "doge": "DogeCDMoE routes by product keys (top-k over two sqrt(E) key halves, mixing "

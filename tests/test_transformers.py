@@ -337,6 +337,21 @@ FAMILY_CONFIGS["nemotron_h"] = (
          routed_scaling_factor=1.3, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
          ssm_state_size=8, n_groups=1, num_hidden_layers=4,
          layers_block_type=["mamba", "moe", "attention", "moe"]), "mixer")
+# Nemotron-3.5-Transcribe: the same Nemotron-H text decoder inside a speech model (tiny
+# speech-recognition, diarization and word-timestamp parts, dense for SEIF).
+_TINY_ENCODER = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, num_mel_bins=16)
+FAMILY_CONFIGS["nemo_speechlm"] = (
+    FAMILY_CONFIGS["nemotron_h"][0], "mixer",
+    {"auto": "AutoModelForMultimodalLM", "layers": lambda m: m.model.language_model.layers,
+     "wrap": lambda text: dict(
+         text_config=text,
+         audio_config=dict(asr_config=_TINY_ENCODER,
+                           diarization_config=dict(audio_config=_TINY_ENCODER,
+                                                   head_config=dict(hidden_size=8,
+                                                                    audio_hidden_size=16))),
+         word_timestamp_config=dict(hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                                    vocab_size=16, blank_token_id=15))})
 # Two MoE stacks: the first element is the thinker's text config, "wrap" nests it with the
 # talker's (another hidden size; mlp_only_layers=[1], which the talker's decoder layer ignores:
 # every talker layer is MoE) and minimal vision / audio / code-predictor / code2wav parts. The
@@ -635,7 +650,6 @@ def test_bf16_sharded_round_trip(tmp_path, model_type):
                                               ("inkling2_loop", "softcapped SwiGLU"),
                                               ("muse_spark", "latent space.*RMSNorm"),
                                               ("doge", "product keys"),
-                                              ("nemo_speechlm", "text decoder is nemotron_h"),
                                               ("deepseek_v4", "token id.*sqrt\\(softplus"),
                                               ("longcat_flash", "identity experts"),
                                               ("gemma4", "per_expert_scale.*no router input "
