@@ -1406,6 +1406,16 @@ REFUSED: dict[str, str] = {
             "its weight is set to 0); SEIF routers are one linear layer",
 }
 
+# Model types that share a refused family's reason: nllb_moe's config.json says "nllb-moe", and
+# the text decoders of refused multimodal families have model types (and config.json files)
+# of their own.
+for _alias, _family_of in (("nllb-moe", "nllb_moe"), ("glm5_next_text", "glm5_next"),
+                           ("hy_v4_vl_text", "hy_v4_vl"), ("inkling_text", "inkling"),
+                           ("inkling2_text", "inkling2"), ("inkling2_loop_text", "inkling2_loop"),
+                           ("muse_spark_text", "muse_spark"),
+                           ("ernie4_5_vl_moe_text", "ernie4_5_vl_moe"), ("step3p5", "step3p7")):
+    REFUSED[_alias] = REFUSED[_family_of]
+
 
 def supported_families() -> list[str]:
     return sorted(FAMILIES)
