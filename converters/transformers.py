@@ -1284,6 +1284,18 @@ FAMILIES["nemo_speechlm"] = dataclasses.replace(
           "and word timestamp head dense")
 
 
+# Nemotron-H Omni: a vision(/audio)-language model whose language_model is a whole
+# NemotronHForCausalLM (on disk language_model.backbone.layers, in memory
+# language_model.model.layers); vision tower, audio encoder and projectors are dense.
+FAMILIES["nemotron_h_omni"] = dataclasses.replace(
+    FAMILIES["nemotron_h"], model_type="nemotron_h_omni",
+    block="language_model.backbone.layers.{l}.mixer",
+    module="language_model.model.layers.{l}.mixer", sub_config="text_config",
+    automodel="AutoModelForImageTextToText",
+    notes="its language model (language_model.backbone.layers) as nemotron_h; vision tower, "
+          "audio encoder and projectors dense")
+
+
 # Qwen3-Omni-MoE: two MoE decoder stacks in one checkpoint. The thinker's text decoder
 # (published thinker.model.layers, in memory thinker.model.language_model.layers) is
 # Qwen3-MoE's block; the talker's decoder (talker.model.layers) is Qwen2-MoE's, with a shared
