@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from converters.hf_config import OPTIONAL_FIELDS, NeedsFullConfig, RawConfig, with_config
+from seif.converters.hf_config import OPTIONAL_FIELDS, NeedsFullConfig, RawConfig, with_config
 
 # built as in test_transformers; qwen3_omni_moe: two MoE stacks under nested configs;
 # qwen4_exp, mistral_large4: sub_config wrappers; mistral4: n_group / topk_group read as saved.
@@ -32,8 +31,7 @@ def test_raw_config_never_guesses():
 
 def _config_classes():
     import transformers
-
-    from converters.transformers import FAMILIES, _stacks, _sub_config
+    from seif.converters.transformers import FAMILIES, _stacks, _sub_config
 
     out = {}
     for model_type, family in FAMILIES.items():
@@ -59,7 +57,7 @@ def test_optional_fields_are_always_saved_by_classes_that_have_them():
 
 
 def _layer_maps(root, config):
-    from converters import transformers as hf
+    from seif.converters import transformers as hf
 
     family = hf._family(config, "config.json")
     quant = hf._quantization(family, config, "config.json")
