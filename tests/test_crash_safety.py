@@ -92,7 +92,9 @@ def test_sigkill_at_random_points_then_resume(source, tmp_path):
     rng = random.Random(1234)
     kills = completed = 0
     progress_seen = 0
-    for _ in range(24):
+    # Runs until 12 kills landed mid-conversion (at most 60): with --resume each run has
+    # less left to write, so on a fast machine many kills come after the finish.
+    while kills - completed < 12 and kills < 60:
         proc = subprocess.Popen(_cli("convert", str(source), str(dst), "--resume",
                                      "--max-shard-size", SHARD_CAP),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -108,8 +110,8 @@ def test_sigkill_at_random_points_then_resume(source, tmp_path):
         else:
             assert not (tmp_path / "dst.seif" / "seif.json").exists()
             progress_seen = max(progress_seen, len(_journalled(partial)))
-    assert kills >= 20
-    assert kills - completed >= 10, "most kills should land mid-conversion"
+    mid = kills - completed
+    assert mid >= 10, f"only {mid} of {kills} kills landed mid-conversion"
     assert progress_seen > 0
 
     # One more kill after a known amount of progress, then finish with --resume: journalled
