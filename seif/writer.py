@@ -142,21 +142,25 @@ class _OpenShard:
             os.unlink(self.path)  # unfinished: never reused
 
 
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+def _libc_call(name: str, *argtypes: str) -> Callable[..., int] | None:
+    """libc's `name` via ctypes, taking the ctypes types named in `argtypes` and returning an
+    int (Python's os module lacks sync_file_range and fallocate), or None where there is no
+    such function (not Linux, no libc)."""
     try:
         import ctypes
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+        fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = [getattr(ctypes, t) for t in argtypes]
     fn.restype = ctypes.c_int
     return fn
 
 
-_SYNC_FILE_RANGE = _sync_file_range() if os.environ.get("SEIF_WRITEBACK", "1") == "1" else None
+_SYNC_FILE_RANGE = (_libc_call("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
+                    if os.environ.get("SEIF_WRITEBACK", "1") == "1" else None)
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -184,21 +188,8 @@ DEFERRED_BYTES = 8 * 1024 * 1024
 _DIRECT = hasattr(os, "O_DIRECT") and os.environ.get("SEIF_DIRECT", "1") == "1"
 
 
-def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _fallocate() if os.environ.get("SEIF_FALLOCATE", "1") == "1" else None
+_FALLOCATE = (_libc_call("fallocate", "c_int", "c_int", "c_int64", "c_int64")
+              if os.environ.get("SEIF_FALLOCATE", "1") == "1" else None)
 
 
 def _allocate(fd: int, size: int) -> None:
