@@ -1243,6 +1243,49 @@ FAMILIES["mistral_large4"] = Family(
 )
 
 
+
+def _text_family(wrapper: str, model_type: str, block: str, *, module: str | None = None,
+                 automodel: str = "AutoModelForCausalLM", notes: str = "", **changes) -> Family:
+    """The text-only model type of a multimodal wrapper (a text model saved on its own, whose
+    config.json is the wrapper's text_config): the wrapper's MoE block, its config at the top
+    level (no `sub_config`) and the block where that text model's save_pretrained writes it
+    (the wrappers' published layouts come from their own checkpoint-conversion rules, which the
+    text model types do not share)."""
+    return dataclasses.replace(
+        FAMILIES[wrapper], model_type=model_type, block=block, module=module,
+        block_alternatives=(), sub_config=None, automodel=automodel,
+        notes=f"{wrapper}'s text model saved alone" + (f": {notes}" if notes else ""), **changes)
+
+
+# save_pretrained of each text model type, tiny models built and read back: AriaTextForCausalLM,
+# Qwen3_5MoeForCausalLM, Dots3NoteForCausalLM, MiniMaxM3VLForCausalLM at model.layers.{l}.mlp;
+# Qwen3VLMoeTextModel, Glm4vMoeTextModel (AutoModel only) at layers.{l}.mlp, and
+# MistralLarge4TextModel with Mistral's native names at layers.{l}.
+for _family_entry in (
+    _text_family("aria", "aria_text", "model.layers.{l}.mlp"),
+    _text_family("qwen3_5_moe", "qwen3_5_moe_text", "model.layers.{l}.mlp"),
+    _text_family("dots3_note", "dots3_note_text", "model.layers.{l}.mlp"),
+    _text_family("qwen3_vl_moe", "qwen3_vl_moe_text", "layers.{l}.mlp", automodel="AutoModel"),
+    _text_family("glm4v_moe", "glm4v_moe_text", "layers.{l}.mlp", automodel="AutoModel",
+                 notes="experts stacked as in memory ([E, 2I, H] gate rows then up; [E, H, I])",
+                 stacked=(Stacked("experts.gate_up_proj", ("gate", "up")),
+                                      Stacked("experts.down_proj", ("down",)))),
+    _text_family("mistral_large4", "mistral_large4_text", "layers.{l}", module="layers.{l}.mlp",
+                 automodel="AutoModel", shared=dict(_SHARED_GATE_UP_DOWN),
+                 notes="routed experts with Mistral's native names (experts.{e}.w1/w3/w2), "
+                       "shared experts with transformers' (gate_proj/up_proj/down_proj)"),
+    _text_family("minimax_m3_vl", "minimax_m3_vl_text", "model.layers.{l}.mlp",
+                 notes="experts stacked as in memory ([E, 2I, H] gate rows then up; [E, H, I]), "
+                       "selection bias gate.e_score_correction_bias, the shared MLP's "
+                       "gate_up_proj fused [2I, H] (gate rows then up)",
+                 stacked=(Stacked("experts.gate_up_proj", ("gate", "up")),
+                                      Stacked("experts.down_proj", ("down",))),
+                 selection_bias="gate.e_score_correction_bias", shared={"down": "{p}.down_proj"},
+                 shared_stacked=(Stacked("gate_up_proj.weight", ("gate", "up"),
+                                         per_expert=False),)),
+):
+    FAMILIES[_family_entry.model_type] = _family_entry
+
 def _nemotron_h_check(cfg: Any) -> None:
     """NemotronHMoE with moe_latent_size set runs the routed experts in a latent space
     (fc1_latent_proj before, fc2_latent_proj after); SEIF has no latent projection."""

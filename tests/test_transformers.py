@@ -430,6 +430,16 @@ FAMILY_CONFIGS["jetmoe"] = (
     dict(intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, kv_channels=8,
          aux_loss_coef=0.02), "mlp",
     {"route": _jetmoe_route, "is_moe": lambda block: hasattr(block, "input_linear")})
+# Text-only model types of multimodal wrappers (a text model saved alone): the wrapper's tiny
+# text kwargs and its router probe; the bare text models (AutoModel) give hidden states.
+_BARE = {"auto": "AutoModel", "layers": lambda m: m.layers,
+         "logits": lambda m, ids: m(ids).last_hidden_state}
+for _t, _bare in (("aria", False), ("qwen3_5_moe", False), ("dots3_note", False),
+                  ("minimax_m3_vl", False), ("qwen3_vl_moe", True), ("glm4v_moe", True),
+                  ("mistral_large4", True)):
+    _route = {k: v for k, v in FAMILY_CONFIGS[_t][2].items() if k == "route"}
+    FAMILY_CONFIGS[f"{_t}_text"] = (FAMILY_CONFIGS[_t][0], FAMILY_CONFIGS[_t][1],
+                                    {**(_BARE if _bare else {}), **_route})
 FAMILIES = sorted(FAMILY_CONFIGS)
 T = 48
 
