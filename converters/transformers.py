@@ -1260,7 +1260,8 @@ def _text_family(wrapper: str, model_type: str, block: str, *, module: str | Non
 # save_pretrained of each text model type, tiny models built and read back: AriaTextForCausalLM,
 # Qwen3_5MoeForCausalLM, Dots3NoteForCausalLM, MiniMaxM3VLForCausalLM at model.layers.{l}.mlp;
 # Qwen3VLMoeTextModel, Glm4vMoeTextModel (AutoModel only) at layers.{l}.mlp, and
-# MistralLarge4TextModel with Mistral's native names at layers.{l}.
+# MistralLarge4TextModel with Mistral's native names at layers.{l}; DeepseekOcr2TextModel,
+# UnlimitedOcrTextModel (their own classes only) at layers.{l}.mlp.
 for _family_entry in (
     _text_family("aria", "aria_text", "model.layers.{l}.mlp"),
     _text_family("qwen3_5_moe", "qwen3_5_moe_text", "model.layers.{l}.mlp"),
@@ -1283,6 +1284,16 @@ for _family_entry in (
                  selection_bias="gate.e_score_correction_bias", shared={"down": "{p}.down_proj"},
                  shared_stacked=(Stacked("gate_up_proj.weight", ("gate", "up"),
                                          per_expert=False),)),
+    # No Auto class maps these two config types: only their own classes load them.
+    _text_family("deepseek_ocr2", "deepseek_ocr2_text", "layers.{l}.mlp",
+                 automodel="DeepseekOcr2TextModel",
+                 notes="loaded by DeepseekOcr2TextModel (no Auto class); experts stacked as in "
+                       "memory ([E, 2I, H] gate rows then up; [E, H, I])",
+                 stacked=(Stacked("experts.gate_up_proj", ("gate", "up")),
+                          Stacked("experts.down_proj", ("down",)))),
+    _text_family("unlimited_ocr", "unlimited_ocr_text", "layers.{l}.mlp",
+                 automodel="UnlimitedOcrTextModel",
+                 notes="loaded by UnlimitedOcrTextModel (no Auto class)"),
 ):
     FAMILIES[_family_entry.model_type] = _family_entry
 
