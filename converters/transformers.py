@@ -457,7 +457,9 @@ class Family:
     # Number of layer slots (SEIF layer indices); default num_hidden_layers. Encoder-decoder
     # families number encoder layers first, then decoder layers.
     n_layers: Callable[[Any], int] | None = None
-    automodel: str = "AutoModelForCausalLM"    # what loads the source (for docs and tests)
+    # What loads the source (verify's oracle, load(), tests): an Auto class, or the model
+    # class itself where no Auto class maps the config (deepseek_ocr2_text).
+    automodel: str = "AutoModelForCausalLM"
     notes: str = ""
     # quantization_config.quant_method -> the stacked rules that replace `stacked` for a
     # checkpoint quantized that way (gpt-oss: "mxfp4"). FP8 block quantization ("fp8") of
