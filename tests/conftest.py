@@ -42,7 +42,8 @@ def tiny(tmp_path):
 
 def build_tiny_hf(model_type: str, path, config_kwargs: dict, *, seed: int = 0, dtype=None,
                   auto: str = "AutoModelForCausalLM", **save_kwargs):
-    """A tiny random transformers model of `model_type`, saved to `path` (no download).
+    """A tiny random transformers model of `model_type`, saved to `path` (no download);
+    `auto` names the Auto class that builds it, or the model class itself.
 
     Weights are re-drawn at a larger scale than the default init so routing is decided by clear
     margins, and selection biases (DeepSeek's e_score_correction_bias, LFM2's expert_bias, zeros
@@ -54,7 +55,8 @@ def build_tiny_hf(model_type: str, path, config_kwargs: dict, *, seed: int = 0, 
 
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(model_type, **config_kwargs)
-    model = getattr(transformers, auto).from_config(config).eval()
+    cls = getattr(transformers, auto)     # an Auto class, or a model class no Auto class maps
+    model = (cls.from_config if auto.startswith("Auto") else cls._from_config)(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)

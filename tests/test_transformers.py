@@ -444,7 +444,7 @@ for _t, _bare in (("aria", False), ("qwen3_5_moe", False), ("dots3_note", False)
 for _t, _cls in (("deepseek_ocr2", "DeepseekOcr2TextModel"),
                  ("unlimited_ocr", "UnlimitedOcrTextModel")):
     FAMILY_CONFIGS[f"{_t}_text"] = (FAMILY_CONFIGS[_t][0], FAMILY_CONFIGS[_t][1],
-                                    {**_BARE, "auto": _cls, "model_class": True})
+                                    {**_BARE, "auto": _cls})
 FAMILIES = sorted(FAMILY_CONFIGS)
 T = 48
 
@@ -482,27 +482,9 @@ def build(model_type: str, path: Path, *, dtype=torch.float32, seed: int = 0,
     wrap = options(model_type).get("wrap")
     if wrap is not None:                # several stacks: kwargs are the first one's
         kwargs = wrap(kwargs)
-    if options(model_type).get("model_class"):
-        return _build_by_class(options(model_type)["auto"], model_type, path, kwargs,
-                               seed=seed, dtype=dtype, **save_kwargs)
     return build_tiny_hf(model_type.split("-")[0], path, kwargs, seed=seed, dtype=dtype,
                          auto=options(model_type).get("auto", "AutoModelForCausalLM"),
                          **save_kwargs)
-
-
-def _build_by_class(cls: str, model_type: str, path: Path, kwargs: dict, *, seed: int, dtype,
-                    **save_kwargs):
-    """build_tiny_hf for a model class no Auto class maps (it calls `Auto*.from_config`):
-    the same seed, config and re-drawn weights, built by `cls._from_config`."""
-    torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(model_type, **kwargs)
-    model = getattr(transformers, cls)._from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    model = model.to(dtype)
-    model.save_pretrained(path, **save_kwargs)
-    return model
 
 
 def decoder_layers(model, model_type: str):
