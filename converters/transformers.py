@@ -563,6 +563,17 @@ _DEEPSEEK_V3 = Family(
 )
 
 
+_QWEN3_MOE = Family(
+    model_type="qwen3_moe",
+    block="model.layers.{l}.mlp",
+    num_experts=lambda c: c.num_experts,
+    routing=_softmax_topk,
+    expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
+    is_moe_layer=_qwen_sparse_layer,
+    notes="softmax, top-k, norm_topk_prob; decoder_sparse_step, mlp_only_layers",
+)
+
+
 def _like_deepseek_v3(model_type: str, notes: str, **changes) -> Family:
     """A family whose MoE block is DeepSeek-V3's verbatim (router, experts, shared experts);
     only the model type, the MoE-layer rule and the notes differ."""
@@ -592,15 +603,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         notes="softmax, top-k, norm_topk_prob; shared expert x sigmoid(shared gate); "
               "decoder_sparse_step, mlp_only_layers",
     ),
-    Family(
-        model_type="qwen3_moe",
-        block="model.layers.{l}.mlp",
-        num_experts=lambda c: c.num_experts,
-        routing=_softmax_topk,
-        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-        is_moe_layer=_qwen_sparse_layer,
-        notes="softmax, top-k, norm_topk_prob; decoder_sparse_step, mlp_only_layers",
-    ),
+    _QWEN3_MOE,
     Family(
         model_type="qwen3_next",
         block="model.layers.{l}.mlp",
@@ -842,15 +845,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
               "where mlp_layer_types[l] != 'dense'",
     ),
     # Qwen-style routers in text models.
-    Family(
-        model_type="mellum",
-        block="model.layers.{l}.mlp",
-        num_experts=lambda c: c.num_experts,
-        routing=_softmax_topk,
-        expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-        is_moe_layer=_sparse_by_type,
-        notes="as qwen3_moe; MoE where mlp_layer_types[l] == 'sparse'",
-    ),
+    dataclasses.replace(_QWEN3_MOE, model_type="mellum", is_moe_layer=_sparse_by_type,
+                        notes="as qwen3_moe; MoE where mlp_layer_types[l] == 'sparse'"),
     Family(
         model_type="lara_mini",
         block="model.layers.{l}.mlp",
@@ -1361,14 +1357,10 @@ FAMILIES["nemotron_h_omni"] = dataclasses.replace(
 FAMILIES["qwen3_omni_moe"] = Family(
     model_type="qwen3_omni_moe",
     stacks=(
-        Family(
-            model_type="qwen3_omni_moe.thinker",
+        dataclasses.replace(
+            _QWEN3_MOE, model_type="qwen3_omni_moe.thinker", notes="",
             block="thinker.model.layers.{l}.mlp",
             module="thinker.model.language_model.layers.{l}.mlp",
-            num_experts=lambda c: c.num_experts,
-            routing=_softmax_topk,
-            expert_ffn=lambda c: FFNSpec(c.moe_intermediate_size, _activation(c)),
-            is_moe_layer=_qwen_sparse_layer,
             sub_config="thinker_config.text_config",
         ),
         Family(
