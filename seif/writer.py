@@ -183,7 +183,20 @@ DIRECT_ALIGN = max(4096, mmap.PAGESIZE)
 # Read/hash/write unit of a copied tensor: small enough to stay in L2 between the read and the
 # hash, and to keep many direct writes in flight (measured: 1 MiB with 8 workers beat 2-16 MiB
 # and fewer workers on a 2-core machine).
-COPY_CHUNK_BYTES = int(os.environ.get("SEIF_COPY_CHUNK", 1024 * 1024))
+COPY_CHUNK_BYTES: int | str = os.environ.get("SEIF_COPY_CHUNK", 1024 * 1024)
+
+
+def _copy_chunk_bytes() -> int:
+    """COPY_CHUNK_BYTES as a checked size: a positive multiple of DIRECT_ALIGN (a smaller or
+    unaligned buffer could never carry an aligned direct write)."""
+    try:
+        size = int(COPY_CHUNK_BYTES)
+    except ValueError:
+        size = 0
+    if size <= 0 or size % DIRECT_ALIGN:
+        raise ConversionError(f"SEIF_COPY_CHUNK must be a positive multiple of {DIRECT_ALIGN} "
+                              f"bytes, got {COPY_CHUNK_BYTES!r}")
+    return size
 DEFERRED_BYTES = 8 * 1024 * 1024
 _DIRECT = hasattr(os, "O_DIRECT") and os.environ.get("SEIF_DIRECT", "1") == "1"
 
@@ -277,7 +290,7 @@ class _Copier:
         an aligned source), reused for every chunk."""
         buf = getattr(self.local, "buffer", None)
         if buf is None:
-            buf = self.local.buffer = memoryview(mmap.mmap(-1, COPY_CHUNK_BYTES))
+            buf = self.local.buffer = memoryview(mmap.mmap(-1, _copy_chunk_bytes()))
         return buf
 
     def source_fd(self, source: Path | int, name: str, end: int) -> int:

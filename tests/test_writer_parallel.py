@@ -247,3 +247,16 @@ def test_direct_io_copies_are_byte_exact(tmp_path, monkeypatch, big_source, case
         assert direct_calls
     if case == "refused" and probe >= 0:   # the first refusal turns direct I/O off for good
         assert len(direct_calls) <= 3      # (at most one per worker already under way)
+
+
+@pytest.mark.parametrize("chunk", ["100", "abc", "0", "6000"])
+def test_bad_copy_chunk_is_refused_and_leaves_nothing(tmp_path, monkeypatch, big_source, chunk):
+    """SEIF_COPY_CHUNK must be a positive multiple of the direct-I/O alignment: a smaller or
+    unaligned read buffer could never carry an aligned direct write."""
+    import seif.writer as writer
+
+    tensors, blob, offsets = big_source
+    monkeypatch.setattr(writer, "COPY_CHUNK_BYTES", chunk)
+    with pytest.raises(seif.ConversionError, match="SEIF_COPY_CHUNK must be a positive multiple"):
+        _copy_ranges(tmp_path / "d.seif", tensors, blob, offsets)
+    assert not (tmp_path / "d.seif").exists() and not (tmp_path / "d.seif.partial").exists()
