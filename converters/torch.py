@@ -46,6 +46,7 @@ __all__ = [
     "SparseMoE",
     "find_moe_block",
     "grouped_mm_supported",
+    "native_supported",
     "shared_outside_block",
     "load_layer",
     "replace_moe_blocks",
@@ -194,13 +195,14 @@ class SparseMoE(nn.Module):
 
     def __init__(self, layer: LayerSpec, dtype: torch.dtype = torch.float32, *,
                  compute_dtype: torch.dtype | None = None, grouped_mm: bool | None = None,
-                 return_router_logits: bool = False):
+                 native: bool | None = None, return_router_logits: bool = False):
         super().__init__()
         r = layer.routing
         r.check("routing", layer.num_experts)
         self.spec = layer
         self.compute_dtype = compute_dtype
         self.grouped_mm = grouped_mm
+        self.native = native
         self.return_router_logits = return_router_logits
         self.last_dispatch: str | None = None
         E, H = layer.num_experts, layer.hidden_size
@@ -461,9 +463,14 @@ class SparseMoE(nn.Module):
         g = proj("gate", xs) if ffn.gated else None
         return proj("down", _activate(ffn.activation, g, u, ffn.alpha, ffn.limit).to(cdt))
 
-    def _dispatch(self, cdt: torch.dtype, device: torch.device, counts: torch.Tensor) -> str:
-        """"grouped_mm" or "per_expert", from the `grouped_mm` setting, the dtype and the rows
-        per expert (`counts`) of this call.
+    def _dispatch(self, cdt: torch.dtype, x: torch.Tensor, counts: torch.Tensor) -> str:
+        """"native", "grouped_mm" or "per_expert", from the `native` and `grouped_mm` settings,
+        the dtype and the rows per expert (`counts`) of this call.
+
+        "native" first, wherever `_native_refusal` finds nothing against it (auto: `native`
+        None and `grouped_mm` None): libseif_ort.so's GEMMs read the weights near memory
+        bandwidth for any row count, bf16 included, where torch's CPU matmuls do not (see
+        `_experts_native`). The rest chooses between the two torch dispatches.
 
         Auto (`grouped_mm=None`) on CPU: `torch._grouped_mm` runs one `mm` per expert there,
         the kernel the loop's F.linear runs too, with one Python call per projection instead
@@ -474,6 +481,16 @@ class SparseMoE(nn.Module):
         rows in other dtypes: bf16 F.linear runs oneDNN already, yet `_grouped_mm`'s bf16 path
         measured 1.2x slower than it at 96 rows per expert (deepseek T=1024) while 5-8% faster
         at 6 (T=64). Other devices (CUDA) have a real grouped kernel and always use it."""
+        auto = self.native is None and self.grouped_mm is None \
+            and os.environ.get("SEIF_TORCH_NATIVE", "") != "0"
+        if self.native or auto:
+            why_not = self._native_refusal(cdt, x)
+            if why_not is None:
+                return "native"
+            if self.native:
+                raise _native().NativeError(
+                    f"native=True, but the native expert kernels cannot run here: {why_not}")
+        device = x.device
         if self.grouped_mm is False:
             return "per_expert"
         I, H = self.spec.experts.intermediate_size, self.spec.hidden_size
@@ -509,7 +526,17 @@ class SparseMoE(nn.Module):
             return out
         cdt = self._cdt()
         counts = torch.bincount(experts, minlength=E)
-        if self._dispatch(cdt, x.device, counts) == "grouped_mm":
+        dispatch = self._dispatch(cdt, x, counts)
+        if dispatch == "native":
+            xs = x.index_select(0, tokens)
+            if on_input and ws is not None:
+                xs = xs.mul_(ws)
+            ys = self._experts_native(xs, counts, ffn)
+            self.last_dispatch = "native"
+            if not on_input and ws is not None:
+                ys.mul_(ws)
+            return out.index_add_(0, tokens, ys)
+        if dispatch == "grouped_mm":
             xs = x[tokens]
             if on_input and ws is not None:
                 xs = ws * xs
@@ -524,6 +551,60 @@ class SparseMoE(nn.Module):
                 return out.index_add_(0, tokens, ys)
         self._experts_loop(out, x, tokens, ws, on_input, counts, ffn, cdt)
         return out
+
+    def _native_refusal(self, cdt: torch.dtype, x: torch.Tensor) -> str | None:
+        """Why the native dispatch cannot run this call (None: it can). It needs the library
+        (with its C API), CPU tensors that need no gradient (it has no backward), eager mode (no
+        torch.compile / export tracing), experts in their stored dtype (float32, bfloat16 or
+        float16) and contiguous stacked weights of that one dtype."""
+        if x.device.type != "cpu":
+            return f"the input is on {x.device}, not the CPU"
+        if torch.compiler.is_compiling():
+            return "torch.compile / export is tracing"
+        params = [getattr(self, f"{p}_proj{b}") for p in self.spec.experts.projections
+                  for b in ("", "_bias")]
+        params = [p for p in params if p is not None]
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return "a gradient is needed (the native kernels have no backward)"
+        wt = self.up_proj.dtype
+        if cdt != wt:
+            return f"compute_dtype {cdt} differs from the weights' {wt}"
+        if wt not in NATIVE_DTYPES:
+            return f"expert weights are {wt}, not float32, bfloat16 or float16"
+        for p in params:
+            if p.device.type != "cpu" or p.dtype != wt or not p.is_contiguous():
+                return "the expert weights are not contiguous CPU tensors of one dtype"
+        if self.spec.experts.activation not in NATIVE_ACTIVATIONS:
+            return f"activation {self.spec.experts.activation!r} has no native kernel"
+        if not _native().available():
+            return "libseif_ort.so (with its C API) is not built: `make native`"
+        return None
+
+    def _experts_native(self, xs: torch.Tensor, counts: torch.Tensor,
+                        ffn: FFNSpec) -> torch.Tensor:
+        """Routed experts on rows xs [N, H] float32 sorted by expert (counts [E] rows each) ->
+        [N, H] float32, through libseif_ort.so's `seif_experts_forward` (runtime/csrc/
+        c_api.cpp): its AVX-512 / AVX2 GEMMs read fp32, bf16 or fp16 weights directly with
+        float32 rows and sums (so bf16 experts are not limited by torch's bf16 matmul, half its
+        fp32 rate on CPUs without AMX, nor by its small-row GEMMs far below memory bandwidth),
+        SwiGLU in float64 rounded once, on torch's thread count; results do not depend on it."""
+        native = _native()
+        xs = xs.contiguous()
+        ys = torch.empty_like(xs)
+
+        def view(t: torch.Tensor | None):
+            if t is None:
+                return None
+            return native.View(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                               t.is_contiguous())
+
+        native.experts_forward(
+            view(xs), view(counts.to(torch.int64).contiguous()), view(self.up_proj),
+            view(self.down_proj), view(ys), gate=view(self.gate_proj),
+            gate_bias=view(self.gate_proj_bias), up_bias=view(self.up_proj_bias),
+            down_bias=view(self.down_proj_bias), activation=ffn.activation, alpha=ffn.alpha,
+            limit=ffn.limit, threads=torch.get_num_threads())
+        return ys
 
     def _weights(self, name: str, cdt):
         w = getattr(self, f"{name}_proj")
@@ -575,6 +656,23 @@ class SparseMoE(nn.Module):
             used_onednn = used_onednn or fast
             start = end
         self.last_dispatch = "per_expert+onednn" if used_onednn else "per_expert"
+
+
+# What the native dispatch (libseif_ort.so's `seif_experts_forward`) runs.
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NATIVE_ACTIVATIONS = frozenset({"swiglu", "geglu", "geglu_tanh", "swiglu_oai", "relu", "gelu",
+                                "gelu_tanh", "silu", "relu2"})
+
+
+def _native():
+    """seif.runtime.native, imported on first use (loading the library is lazy there too)."""
+    from seif.runtime import native
+    return native
+
+
+def native_supported() -> bool:
+    """Whether libseif_ort.so is built with the C API the native dispatch calls."""
+    return _native().available()
 
 
 # Experts with at least this many rows use oneDNN's matmul in float32 (see `_linear`).

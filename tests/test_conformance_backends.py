@@ -90,7 +90,7 @@ def test_torch_per_expert_dispatch_passes_moe_cases(cases):
 
 def test_torch_backend_really_runs_sparse_moe(cases):
     torch = pytest.importorskip("torch")
-    from seif.converters.torch import SparseMoE, grouped_mm_supported
+    from seif.converters.torch import SparseMoE, grouped_mm_supported, native_supported
 
     from seif.conformance.backends_torch import TorchBackend
 
@@ -99,7 +99,8 @@ def test_torch_backend_really_runs_sparse_moe(cases):
     assert isinstance(module, SparseMoE)
     with torch.no_grad():
         module(torch.from_numpy(case.inputs["x"]))
-    want = "grouped_mm" if grouped_mm_supported("cpu", torch.float32) else "per_expert"
+    want = "native" if native_supported() else \
+        "grouped_mm" if grouped_mm_supported("cpu", torch.float32) else "per_expert"
     assert module.last_dispatch == want
     bf16 = next(c for c in cases if c.id == "moe/topk/swiglu/bf16")
     assert TorchBackend().module(bf16).up_proj.dtype == torch.bfloat16   # stored dtype kept

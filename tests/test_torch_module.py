@@ -96,7 +96,9 @@ def test_matches_reference(case, grouped):
     want = moe_forward(x, spec, params)
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-    if grouped is False or case == "odd-sizes" \
+    if grouped is None and st.native_supported():   # auto: libseif_ort.so's kernels, if built
+        assert module.last_dispatch == "native"
+    elif grouped is False or case == "odd-sizes" \
             or not st.grouped_mm_supported("cpu", torch.float32):
         assert module.last_dispatch in ("per_expert", "per_expert+onednn")
     else:                                  # these experts are tiny: one grouped call wins
@@ -108,7 +110,8 @@ def test_matches_reference(case, grouped):
 def test_auto_dispatch_on_larger_experts(dtype, tokens):
     """Experts over GROUPED_MAX_EXPERT_ELEMENTS: auto takes the per-expert loop for float32
     experts with ONEDNN_MIN_ROWS+ rows on average (oneDNN), bf16 with LOOP_MIN_ROWS+, else
-    torch._grouped_mm; all dispatches agree with each other and (fp32) with the reference."""
+    torch._grouped_mm; all dispatches agree with each other and (fp32) with the reference.
+    native=False: the choice between the torch dispatches (test_torch_native covers native)."""
     spec = layer(RoutingSpec("topk", 2, "softmax", normalize="sum"), h=256, i=512, e=4)
     assert spec.experts.intermediate_size * spec.hidden_size > st.GROUPED_MAX_EXPERT_ELEMENTS
     params = build(spec, seed=7)
@@ -116,7 +119,7 @@ def test_auto_dispatch_on_larger_experts(dtype, tokens):
         np.random.default_rng(8).standard_normal((tokens, 256)).astype(np.float32)).to(dtype)
     outs = {}
     for grouped in (None, True, False):
-        module = st.SparseMoE.from_params(spec, params, dtype, grouped_mm=grouped)
+        module = st.SparseMoE.from_params(spec, params, dtype, grouped_mm=grouped, native=False)
         outs[grouped] = module(x).float().numpy()
         if grouped is None:
             auto = module.last_dispatch

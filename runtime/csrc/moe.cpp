@@ -62,23 +62,7 @@ inline float act1(Activation act, float gate, float up, double alpha, double lim
 }
 
 // ----------------------------------------------------------------------------- batched FFN
-struct FfnWeights {  // one expert: [I, H], [I, H], [H, I] and biases, any of them may be null
-  const void* gate = nullptr;
-  const void* up = nullptr;
-  const void* down = nullptr;
-  const void* gate_bias = nullptr;
-  const void* up_bias = nullptr;
-  const void* down_bias = nullptr;
-};
-
-struct FfnJob {
-  FfnWeights w;
-  int64_t I = 0;          // intermediate size
-  const float* X = nullptr;  // [M, H] contiguous
-  int64_t M = 0;
-  float* Hbuf = nullptr;  // [M, I] scratch
-  float* Y = nullptr;     // [M, H] output
-};
+// FfnWeights, FfnJob and run_ffn_jobs are declared in seif_kernels.h (c_api.cpp calls them too).
 
 // FFN task tiles: up to kMB tokens of one expert times kNB output columns. Large kMB: a task's
 // weight rows are read from memory once for all of its tokens (gemm_nt blocks the tokens itself).
@@ -91,6 +75,8 @@ const void* offset(const void* p, DType t, int64_t elems) {
   if (!p) return nullptr;
   return static_cast<const char*>(p) + static_cast<size_t>(elems) * dtype_size(t);
 }
+
+}  // namespace
 
 // Y = down(act(gate X + bg, up X + bu)) + bd for every job, in two parallel phases.
 void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const Attrs& a,
@@ -139,6 +125,8 @@ void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const At
             job.Y + t.m0 * H + t.n0, H);
   });
 }
+
+namespace {
 
 // C [M, N] = A [M, K] @ B[N, K]^T (+ bias), split over column blocks and row blocks.
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const float* A, const void* B, DType bt,

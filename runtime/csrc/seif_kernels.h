@@ -132,6 +132,35 @@ const char* gemm_isa();
 // the AVX-512 build is usable and returns true; false: nothing done, use the scalar path.
 bool swiglu_f64(const float* gate, const float* up, float* h, int64_t n);
 
+// ----------------------------------------------------------------------------- batched FFN
+// One expert's weights: gate/up [I, H], down [H, I] and biases [I], [I], [H] (null: absent).
+struct FfnWeights {
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  const void* down = nullptr;
+  const void* gate_bias = nullptr;
+  const void* up_bias = nullptr;
+  const void* down_bias = nullptr;
+};
+
+// One expert's rows: Y [M, H] = down(act(gate X, up X)), X [M, H] float32 contiguous, Hbuf
+// [M, I] float32 scratch.
+struct FfnJob {
+  FfnWeights w;
+  int64_t I = 0;             // intermediate size
+  const float* X = nullptr;  // [M, H] contiguous
+  int64_t M = 0;
+  float* Hbuf = nullptr;  // [M, I] scratch
+  float* Y = nullptr;     // [M, H] output
+};
+
+// Runs every job's FFN (weights of type wt; a.activation, a.alpha, a.limit; a gated activation
+// needs w.gate) in two parallel phases, gate/up + activation then down. Each output element is
+// computed by one task in a fixed order: results do not depend on pfor's thread count. moe.cpp;
+// also called by the C API (c_api.cpp) that the torch module uses.
+void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const Attrs& a,
+                  const ParallelFor& pfor);
+
 // ----------------------------------------------------------------------------- MoE
 struct TensorArg {
   const void* data = nullptr;  // null: the optional input is absent

@@ -1,0 +1,278 @@
+// A small C ABI over the CPU kernels, for callers other than ONNX Runtime (the torch module's
+// "native" expert dispatch, seif.runtime.native, through ctypes).
+//
+// Why: torch's CPU matmuls for the small row counts of routed experts run far below memory
+// bandwidth (bf16 at about half the fp32 rate on CPUs without AMX); run_ffn_jobs (moe.cpp) does
+// the same work with the library's GEMM kernels, reading bf16 weights directly.
+//
+// Rules: every exported function catches every C++ exception and reports it as a non-zero return
+// with a message for seif_last_error() (per thread); nothing here needs onnxruntime, so the
+// library still links with -z defs. Parallel work runs on a small persistent std::thread pool;
+// run_ffn_jobs gives the same bits for any thread count.
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "seif_kernels.h"
+
+#define SEIF_C_API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+thread_local std::string g_last_error;
+
+// ----------------------------------------------------------------------------- thread pool
+// Runs fn(i) for i < n on `threads` threads (the caller is one of them); every i exactly once.
+// One run at a time (callers hold g_run_mu). Worker w takes part in a run when w < threads - 1;
+// the caller waits until each of those has finished its share, so no worker still holds a run's
+// fn when the next run starts.
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    start_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  void run(size_t n, const std::function<void(size_t)>& fn, int threads) {
+    const int helpers = static_cast<int>(std::min<size_t>(n, static_cast<size_t>(threads))) - 1;
+    if (helpers <= 0) {
+      for (size_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    grow(helpers);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      n_ = n;
+      next_.store(0);
+      want_ = helpers;
+      finished_ = 0;
+      error_ = nullptr;
+      ++generation_;
+    }
+    start_.notify_all();
+    drain(fn, n);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_.wait(lk, [&] { return finished_ == want_; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void grow(int helpers) {
+    while (static_cast<int>(workers_.size()) < helpers) {
+      const int id = static_cast<int>(workers_.size());
+      uint64_t seen;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        seen = generation_;
+      }
+      workers_.emplace_back([this, id, seen] { loop(id, seen); });
+    }
+  }
+
+  void drain(const std::function<void(size_t)>& fn, size_t n) {
+    for (size_t i = next_.fetch_add(1); i < n; i = next_.fetch_add(1)) {
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+
+  void loop(int id, uint64_t seen) {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      start_.wait(lk, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (id >= want_) continue;
+      const std::function<void(size_t)>* fn = fn_;
+      const size_t n = n_;
+      lk.unlock();
+      drain(*fn, n);
+      lk.lock();
+      if (++finished_ == want_) done_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(size_t)>* fn_ = nullptr;
+  size_t n_ = 0;
+  std::atomic<size_t> next_{0};
+  int want_ = 0, finished_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
+// The pool and the lock that serialises its runs. After fork() the child has none of the
+// parent's workers: the child handler drops the pool (leaked, never joined) and a fresh one is
+// made on first use. prepare/parent hold the lock across fork so no run is half-way there.
+std::mutex g_run_mu;
+Pool* g_pool = nullptr;
+std::once_flag g_atfork_once;
+
+void atfork_prepare() { g_run_mu.lock(); }
+void atfork_parent() { g_run_mu.unlock(); }
+void atfork_child() {
+  g_pool = nullptr;
+  g_run_mu.unlock();
+}
+
+// A ParallelFor on the pool with `threads` threads (1: serial, no pool, no lock).
+struct PoolFor {
+  int threads;
+  std::unique_lock<std::mutex> lock;
+  explicit PoolFor(int t) : threads(std::max(1, t)) {
+    if (threads > 1) {
+      std::call_once(g_atfork_once,
+                     [] { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); });
+      lock = std::unique_lock<std::mutex>(g_run_mu);
+      if (!g_pool) g_pool = new Pool();
+    }
+  }
+  seif::ParallelFor pfor() const {
+    if (threads <= 1) return seif::serial_for();
+    const int t = threads;
+    return [t](size_t n, const std::function<void(size_t)>& fn) { g_pool->run(n, fn, t); };
+  }
+};
+
+// ----------------------------------------------------------------------------- helpers
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    g_last_error.clear();
+    return 0;
+  } catch (const std::bad_alloc&) {
+    g_last_error = "out of memory";
+  } catch (const std::exception& e) {
+    g_last_error = e.what();
+  } catch (...) {
+    g_last_error = "unknown C++ exception";
+  }
+  return 1;
+}
+
+seif::DType dtype_of(int code) {
+  switch (code) {
+    case 0: return seif::DType::F32;
+    case 1: return seif::DType::F16;
+    case 2: return seif::DType::BF16;
+    default:
+      throw seif::Error("seif_experts_forward: weight dtype code " + std::to_string(code) +
+                        " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
+  }
+}
+
+const void* at(const void* p, seif::DType t, int64_t elems) {
+  if (!p) return nullptr;
+  return static_cast<const char*>(p) + static_cast<size_t>(elems) * seif::dtype_size(t);
+}
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+}  // namespace
+
+// Version of this C ABI: callers check it before binding the functions below.
+SEIF_C_API int seif_c_api_version() { return 1; }
+
+// The message of the last failed call on this thread ("" after a successful one).
+SEIF_C_API const char* seif_last_error() { return g_last_error.c_str(); }
+
+// Routed experts' FFN on rows already sorted by expert:
+//   Y[r] = down_e(act(gate_e X[r] + gb_e, up_e X[r] + ub_e)) + db_e
+// for the counts[e] rows of expert e (e = 0..E-1, consecutive). X, Y: [N, H] float32
+// contiguous; gate/up: [E, I, H], down: [E, H, I], biases [E, I], [E, I], [E, H] contiguous, of
+// weight dtype `dtype` (0 float32, 1 float16, 2 bfloat16); gate and gate_bias null for ungated
+// activations; any bias may be null. activation: a SEIF activation name (spec §5.13), alpha and
+// limit for swiglu_oai. threads >= 1. Returns 0, or non-zero with seif_last_error() set (nothing
+// is guaranteed about Y then).
+SEIF_C_API int seif_experts_forward(const float* X, int64_t N, int64_t H, int64_t I,
+                                    const int64_t* counts, int64_t E, const void* gate,
+                                    const void* up, const void* down, const void* gate_bias,
+                                    const void* up_bias, const void* down_bias, int dtype,
+                                    const char* activation, double alpha, double limit, float* Y,
+                                    int threads) {
+  return guarded([&] {
+    using seif::Error;
+    if (N < 0 || H < 1 || I < 1 || E < 1)
+      throw Error("seif_experts_forward: need N >= 0, H >= 1, I >= 1, E >= 1 (got N=" +
+                  std::to_string(N) + ", H=" + std::to_string(H) + ", I=" + std::to_string(I) +
+                  ", E=" + std::to_string(E) + ")");
+    if (!counts || !up || !down || !activation)
+      throw Error("seif_experts_forward: counts, up, down and activation are required");
+    if (N > 0 && (!X || !Y)) throw Error("seif_experts_forward: X and Y are required");
+    const seif::DType wt = dtype_of(dtype);
+    seif::Attrs a;
+    a.activation = seif::parse_activation(activation);
+    a.alpha = static_cast<float>(alpha);
+    a.limit = static_cast<float>(limit);
+    if (a.gated() != (gate != nullptr))
+      throw Error(a.gated() ? "seif_experts_forward: a gated activation needs gate weights"
+                            : "seif_experts_forward: an ungated activation takes no gate");
+    if (!a.gated() && gate_bias)
+      throw Error("seif_experts_forward: an ungated activation takes no gate bias");
+    if (a.activation == seif::Activation::SwiGLUOai && !(a.limit > 0.0f))
+      throw Error("seif_experts_forward: limit must be > 0");
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      if (counts[e] < 0 || counts[e] > N - total)
+        throw Error("seif_experts_forward: expert row counts must be >= 0 and sum to N = " +
+                    std::to_string(N));
+      total += counts[e];
+    }
+    if (total != N)
+      throw Error("seif_experts_forward: expert row counts sum to " + std::to_string(total) +
+                  ", not N = " + std::to_string(N));
+    if (N == 0) return;
+
+    const size_t bytes = (static_cast<size_t>(N) * static_cast<size_t>(I) * 4 + 63) / 64 * 64;
+    std::unique_ptr<float[], FreeDeleter> hbuf(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    if (!hbuf) throw std::bad_alloc();
+    std::vector<seif::FfnJob> jobs;
+    int64_t row = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t M = counts[e];
+      if (M == 0) continue;
+      seif::FfnJob j;
+      j.w.gate = at(gate, wt, e * I * H);
+      j.w.up = at(up, wt, e * I * H);
+      j.w.down = at(down, wt, e * H * I);
+      j.w.gate_bias = at(gate_bias, wt, e * I);
+      j.w.up_bias = at(up_bias, wt, e * I);
+      j.w.down_bias = at(down_bias, wt, e * H);
+      j.I = I;
+      j.X = X + row * H;
+      j.M = M;
+      j.Hbuf = hbuf.get() + row * I;
+      j.Y = Y + row * H;
+      jobs.push_back(j);
+      row += M;
+    }
+    PoolFor pool(threads);
+    seif::run_ffn_jobs(jobs, H, wt, a, pool.pfor());
+  });
+}

@@ -1,0 +1,150 @@
+"""The CPU kernels of `libseif_ort.so` called directly through its small C ABI (ctypes).
+
+The custom-op library that ONNX Runtime loads also exports `seif_experts_forward`
+(runtime/csrc/c_api.cpp): the routed experts' FFN on rows sorted by expert, with the library's
+AVX-512 / AVX2 GEMMs, SwiGLU in float64 rounded once, and results that do not depend on the
+thread count. `seif.converters.torch.SparseMoE` uses it on CPU (its "native" dispatch) because
+torch's small-row CPU matmuls run far below memory bandwidth, bf16 especially.
+
+Standard library + ctypes only; the library is loaded once, on first use. Loading it here and
+registering it with ONNX Runtime in the same process is fine (the dynamic loader maps it once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+from seif.errors import SeifError
+
+from .library import library_path
+
+__all__ = ["ABI_VERSION", "NativeError", "View", "available", "experts_forward"]
+
+ABI_VERSION = 1
+
+# seif::DType codes (runtime/csrc/seif_kernels.h).
+WEIGHT_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+
+
+class NativeError(SeifError):
+    """A call into the native library was refused (bad arguments) or failed in C++."""
+
+
+@dataclass(frozen=True)
+class View:
+    """A CPU array as the C ABI sees it: its address, shape, element type and whether it is
+    contiguous (row-major). Built by the caller from a torch tensor or a NumPy array, so this
+    module needs neither."""
+
+    address: int
+    shape: tuple[int, ...]
+    dtype: str
+    contiguous: bool
+
+    @classmethod
+    def of_numpy(cls, a) -> View:
+        """The view of a NumPy array (ml_dtypes bfloat16 included)."""
+        return cls(int(a.ctypes.data), tuple(int(s) for s in a.shape), a.dtype.name,
+                   bool(a.flags.c_contiguous))
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _bind(lib: ctypes.CDLL) -> bool:
+    """Declare the functions' types; False when this build lacks the C ABI (an older library)."""
+    try:
+        version = lib.seif_c_api_version
+        forward = lib.seif_experts_forward
+        last_error = lib.seif_last_error
+    except AttributeError:
+        return False
+    version.restype, version.argtypes = ctypes.c_int, []
+    if version() != ABI_VERSION:
+        return False
+    last_error.restype, last_error.argtypes = ctypes.c_char_p, []
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    forward.restype = ctypes.c_int
+    forward.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p, p, ctypes.c_int,
+                        ctypes.c_char_p, ctypes.c_double, ctypes.c_double, p, ctypes.c_int]
+    return True
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                path = library_path()
+                lib = None
+                if path is not None:
+                    try:
+                        lib = ctypes.CDLL(str(path))
+                    except OSError:
+                        lib = None
+                _lib = lib if lib is not None and _bind(lib) else None
+                _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the library is built, loads, and has this C ABI."""
+    return _library() is not None
+
+
+def _check(name: str, v: View | None, shape: tuple[int, ...], dtypes: tuple[str, ...],
+           optional: bool = False) -> int | None:
+    if v is None:
+        if optional:
+            return None
+        raise NativeError(f"{name} is required")
+    if v.dtype not in dtypes:
+        raise NativeError(f"{name} is {v.dtype}; expected {' or '.join(dtypes)}")
+    if v.shape != shape:
+        raise NativeError(f"{name} is {list(v.shape)}; expected {list(shape)}")
+    if not v.contiguous:
+        raise NativeError(f"{name} is not contiguous")
+    return v.address
+
+
+def experts_forward(x: View, counts: View, up: View, down: View, out: View, *,
+                    gate: View | None = None, gate_bias: View | None = None,
+                    up_bias: View | None = None, down_bias: View | None = None,
+                    activation: str = "swiglu", alpha: float = 1.702, limit: float = 7.0,
+                    threads: int = 1) -> None:
+    """out[r] = down_e(act(gate_e x[r] + gb_e, up_e x[r] + ub_e)) + db_e for the counts[e]
+    consecutive rows r of each expert e. x, out: [N, H] float32; counts: [E] int64 summing to
+    N; up/gate: [E, I, H], down: [E, H, I], biases [E, I] / [E, H], all one weight dtype
+    (float32, bfloat16 or float16), all contiguous. The C side re-checks what it can see (the
+    counts, the activation); anything refused raises NativeError."""
+    lib = _library()
+    if lib is None:
+        raise NativeError("the native library (libseif_ort.so with the C API) is not available; "
+                          "build it with `make native`")
+    if len(x.shape) != 2 or len(up.shape) != 3:
+        raise NativeError(f"x must be [N, H] and up [E, I, H]; got {list(x.shape)}, "
+                          f"{list(up.shape)}")
+    N, H = x.shape
+    E, I = up.shape[0], up.shape[1]
+    wt = up.dtype
+    if wt not in WEIGHT_DTYPES:
+        raise NativeError(f"expert weights are {wt}; expected float32, bfloat16 or float16")
+    args = [
+        _check("x", x, (N, H), ("float32",)), N, H, I,
+        _check("counts", counts, (E,), ("int64",)), E,
+        _check("gate", gate, (E, I, H), (wt,), optional=True),
+        _check("up", up, (E, I, H), (wt,)),
+        _check("down", down, (E, H, I), (wt,)),
+        _check("gate_bias", gate_bias, (E, I), (wt,), optional=True),
+        _check("up_bias", up_bias, (E, I), (wt,), optional=True),
+        _check("down_bias", down_bias, (E, H), (wt,), optional=True),
+        WEIGHT_DTYPES[wt], activation.encode(), float(alpha), float(limit),
+        _check("out", out, (N, H), ("float32",)), max(1, int(threads)),
+    ]
+    if lib.seif_experts_forward(*args) != 0:
+        raise NativeError(lib.seif_last_error().decode(errors="replace"))

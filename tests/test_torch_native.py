@@ -1,0 +1,305 @@
+"""SparseMoE's "native" expert dispatch (libseif_ort.so's C API, seif.runtime.native) against the
+NumPy reference seif.moe.moe_forward and the module's own torch dispatches.
+
+Experts in bf16 are checked against the float32 reference on the same bf16-exact weights: the
+native kernels widen bf16 weights in registers and keep rows and sums in float32, so they must
+agree with it as closely as float32 experts do. The library is built by `make native`, never
+here; the tests skip when it is missing (or lacks the C API).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from seif.converters import torch as st  # noqa: E402
+from seif.runtime import native  # noqa: E402
+
+from seif.errors import SeifError  # noqa: E402
+from seif.manifest import (  # noqa: E402
+    Capacity,
+    FFNSpec,
+    LayerSpec,
+    RoutingSpec,
+    SharedExpertsSpec,
+)
+from seif.moe import moe_forward, random_layer_params  # noqa: E402
+
+if not native.available():
+    pytest.skip("libseif_ort.so with the C API is not built (run `make native`)",
+                allow_module_level=True)
+
+H, I, E = 48, 40, 16
+
+
+def layer(routing: RoutingSpec, activation: str = "swiglu", *, bias: bool = False,
+          shared: SharedExpertsSpec | None = None, e: int = E) -> LayerSpec:
+    return LayerSpec(1, e, H, routing, FFNSpec(I, activation, bias), shared)
+
+
+RENORM = RoutingSpec("topk", 2, "softmax", normalize="sum")
+CASES = {
+    "swiglu-renorm": layer(RENORM),
+    "swiglu-bias": layer(RoutingSpec("topk", 3, "softmax"), bias=True),
+    "geglu-top4": layer(RoutingSpec("topk", 4, "softmax", normalize="sum"), "geglu"),
+    "swiglu_oai-bias": layer(RoutingSpec("topk", 2, "softmax_topk", router_bias=True),
+                             "swiglu_oai", bias=True),
+    "relu-ungated-bias": layer(RoutingSpec("topk", 2, "sigmoid", normalize="sum"), "relu",
+                               bias=True),
+    "gelu_tanh": layer(RENORM, "gelu_tanh"),
+    "relu2": layer(RENORM, "relu2"),
+    "weight-on-input": layer(RoutingSpec("topk", 1, "sigmoid_topk", weight_on="input"),
+                             shared=SharedExpertsSpec(1, FFNSpec(24, "swiglu"))),
+    "group_topk-shared": layer(RoutingSpec("group_topk", 3, "sigmoid", selection_bias=True,
+                                           normalize="sum", epsilon=1e-20, scale=2.5,
+                                           n_group=4, topk_group=2),
+                               shared=SharedExpertsSpec(1, FFNSpec(32, "swiglu"), gate=True)),
+    "capacity-passthrough": layer(RoutingSpec("topk", 2, "softmax", normalize="sum",
+                                              capacity=Capacity(
+                                                  factor=0.75, drop_policy="passthrough_scaled")),
+                                  "silu"),
+    "expert_choice": layer(RoutingSpec("expert_choice", 1, "softmax", scale=1.5,
+                                       capacity=Capacity(factor=2.0)), "gelu"),
+    "soft_moe": layer(RoutingSpec("soft_moe", 1, slots_per_expert=2), "swiglu"),
+}
+
+
+def bf16_exact(params):
+    """The same parameters with every array rounded to bf16 and kept as float32."""
+    def r(a):
+        return None if a is None else a.astype(ml_dtypes.bfloat16).astype(np.float32)
+    return dataclasses.replace(
+        params, router_weight=r(params.router_weight), router_bias=r(params.router_bias),
+        selection_bias=r(params.selection_bias), shared_gate=r(params.shared_gate),
+        output_bias=r(params.output_bias),
+        experts=[{k: r(v) for k, v in ex.items()} for ex in params.experts],
+        shared=[{k: r(v) for k, v in ex.items()} for ex in params.shared])
+
+
+def run(module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).float().numpy()
+
+
+def tokens(T: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((T, H)).astype(np.float32)
+
+
+@pytest.mark.parametrize("T", [3, 37, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_matches_reference(case, dtype, T):
+    """T = 3: most of the 16 experts get no rows; T = 300: tens of rows per expert. Shared
+    experts stay on the torch path, which rounds their rows to bf16 in bf16 layers: those cases
+    are held to bf16 accuracy, all others to float32's."""
+    spec = CASES[case]
+    params = bf16_exact(random_layer_params(spec, np.random.default_rng(0)))
+    module = st.SparseMoE.from_params(spec, params, dtype)
+    assert module.up_proj.dtype == dtype
+    x = tokens(T)
+    got = run(module, x)
+    assert module.last_dispatch == "native"
+    # the torch loop on float32 experts (bf16 experts there round rows to bf16: not exact)
+    loop = st.SparseMoE.from_params(spec, params, torch.float32, grouped_mm=False)
+    by_loop = run(loop, x)
+    assert loop.last_dispatch.startswith("per_expert")
+    want = moe_forward(x, spec, params)
+    for other in (want, by_loop):
+        if dtype == torch.float32 or spec.shared_experts is None:
+            np.testing.assert_allclose(got, other, rtol=1e-5,
+                                       atol=1e-5 * float(np.abs(want).max()))
+        else:
+            assert np.linalg.norm(got - other) / np.linalg.norm(other) < 1e-2
+
+
+def test_native_agrees_with_torch_bf16_dispatches():
+    """bf16 experts: the torch dispatches round rows and hidden activations to bf16 before
+    each matmul, the native one does not; they differ by bf16 rounding only."""
+    spec = CASES["swiglu-renorm"]
+    params = random_layer_params(spec, np.random.default_rng(3))
+    x = tokens(64, seed=4)
+    nat = run(st.SparseMoE.from_params(spec, params, torch.bfloat16), x)
+    for grouped in (True, False):
+        module = st.SparseMoE.from_params(spec, params, torch.bfloat16, grouped_mm=grouped)
+        got = run(module, x)
+        assert module.last_dispatch != "native"
+        assert np.linalg.norm(got - nat) / np.linalg.norm(nat) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_is_independent_of_thread_count(dtype):
+    """Two experts, 600 tokens, k = 1: about 300 rows each, more than one 256-row tile."""
+    spec = layer(RoutingSpec("topk", 1, "softmax"), bias=True, e=2)
+    params = bf16_exact(random_layer_params(spec, np.random.default_rng(5)))
+    module = st.SparseMoE.from_params(spec, params, dtype)
+    x = tokens(600, seed=6)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(run(module, x))
+            assert module.last_dispatch == "native"
+    finally:
+        torch.set_num_threads(before)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    want = moe_forward(x, spec, params)
+    np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_float16_experts():
+    spec = CASES["swiglu-renorm"]
+    params = random_layer_params(spec, np.random.default_rng(7), np.float16)
+    module = st.SparseMoE.from_params(spec, params)
+    assert module.up_proj.dtype == torch.float16
+    x = tokens(37)
+    got = run(module, x)
+    assert module.last_dispatch == "native"
+    want = moe_forward(x, spec, params)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_gradients_use_the_torch_path():
+    """Native has no backward: whenever autograd needs the experts, a torch dispatch runs and
+    gradients flow; under no_grad the same module runs native again."""
+    spec = CASES["swiglu-renorm"]
+    module = st.SparseMoE.from_params(spec, random_layer_params(spec, np.random.default_rng(8)))
+    x = torch.from_numpy(tokens(37))
+    module.requires_grad_(True)
+    y = module(x)
+    assert module.last_dispatch != "native"
+    y.sum().backward()
+    assert module.up_proj.grad is not None and bool(module.up_proj.grad.abs().sum() > 0)
+    module.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    module(xg).sum().backward()
+    assert module.last_dispatch != "native" and xg.grad is not None
+    with torch.no_grad():
+        module(xg)
+    assert module.last_dispatch == "native"
+    module.native = True
+    with pytest.raises(SeifError, match="gradient"):
+        module(xg)
+
+
+def test_missing_library_falls_back(monkeypatch):
+    spec = CASES["swiglu-renorm"]
+    params = random_layer_params(spec, np.random.default_rng(9))
+    x = tokens(37)
+    want = run(st.SparseMoE.from_params(spec, params), x)
+    monkeypatch.setattr(native, "_library", lambda: None)
+    assert not st.native_supported()
+    module = st.SparseMoE.from_params(spec, params)
+    got = run(module, x)
+    assert module.last_dispatch in ("grouped_mm", "per_expert", "per_expert+onednn")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    forced = st.SparseMoE.from_params(spec, params, native=True)
+    with pytest.raises(native.NativeError, match="make native"):
+        run(forced, x)
+
+
+def test_settings_choose_the_dispatch(monkeypatch):
+    spec = CASES["swiglu-renorm"]
+    params = random_layer_params(spec, np.random.default_rng(10))
+    x = tokens(37)
+
+    def dispatch(**kwargs) -> str:
+        module = st.SparseMoE.from_params(spec, params, **kwargs)
+        run(module, x)
+        return module.last_dispatch
+
+    assert dispatch() == "native"
+    assert dispatch(native=False) != "native"
+    assert dispatch(grouped_mm=False).startswith("per_expert")   # an explicit torch dispatch
+    assert dispatch(grouped_mm=True, native=True) == "native"
+    assert dispatch(compute_dtype=torch.bfloat16) != "native"   # weights stay float32
+    monkeypatch.setenv("SEIF_TORCH_NATIVE", "0")
+    assert dispatch() != "native"
+    assert dispatch(native=True) == "native"
+
+
+def test_non_contiguous_weights():
+    """Auto falls back to torch (same result); native=True refuses with a SeifError."""
+    spec = CASES["swiglu-bias"]
+    params = random_layer_params(spec, np.random.default_rng(11))
+    x = tokens(37)
+    want = moe_forward(x, spec, params)
+    module = st.SparseMoE.from_params(spec, params)
+    down = module.down_proj.data
+    module.down_proj.data = down.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not module.down_proj.is_contiguous()
+    got = run(module, x)
+    assert module.last_dispatch != "native"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    module.native = True
+    with pytest.raises(SeifError, match="contiguous"):
+        run(module, x)
+
+
+# --------------------------------------------------------------------------- the C API itself
+def _arrays(dtype=np.float32, counts=(3, 0, 5, 2)):
+    rng = np.random.default_rng(12)
+    e, n = len(counts), sum(counts)
+    return dict(
+        x=rng.standard_normal((n, H)).astype(np.float32),
+        counts=np.asarray(counts, np.int64),
+        gate=(rng.standard_normal((e, I, H)) * 0.2).astype(dtype),
+        up=(rng.standard_normal((e, I, H)) * 0.2).astype(dtype),
+        down=(rng.standard_normal((e, H, I)) * 0.2).astype(dtype),
+        out=np.zeros((n, H), np.float32))
+
+
+def _call(a, **kwargs):
+    v = native.View.of_numpy
+    native.experts_forward(v(a["x"]), v(a["counts"]), v(a["up"]), v(a["down"]), v(a["out"]),
+                           gate=None if a["gate"] is None else v(a["gate"]), **kwargs)
+
+
+def test_c_api_matches_numpy():
+    from seif.moe import activation
+    a = _arrays()
+    _call(a, threads=2)
+    want, r = [], 0
+    for e, c in enumerate(a["counts"]):
+        xe = a["x"][r:r + c].astype(np.float64)
+        r += c
+        h = activation("swiglu", xe @ a["gate"][e].T.astype(np.float64),
+                       xe @ a["up"][e].T.astype(np.float64))
+        want.append(h @ a["down"][e].T.astype(np.float64))
+    np.testing.assert_allclose(a["out"], np.concatenate(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda a: a.update(x=np.asfortranarray(a["x"])), "x is not contiguous"),
+    (lambda a: a.update(x=a["x"].astype(np.float64)), "x is float64"),
+    (lambda a: a.update(counts=a["counts"].astype(np.int32)), "counts is int32"),
+    (lambda a: a.update(counts=a["counts"] + 1), "sum to N"),
+    (lambda a: a.update(counts=np.array([3, -1, 6, 2], np.int64)), "sum to N"),
+    (lambda a: a.update(down=a["down"].astype(ml_dtypes.bfloat16)), "down is bfloat16"),
+    (lambda a: a.update(up=a["up"].astype(np.float64)), "float64"),
+    (lambda a: a.update(out=a["out"][:-1]), r"out is \[9, 48\]"),
+    (lambda a: a.update(gate=None), "gated activation needs gate"),
+])
+def test_c_api_refuses_bad_input(bad, match):
+    a = _arrays()
+    bad(a)
+    with pytest.raises(native.NativeError, match=match):
+        _call(a)
+
+
+def test_c_api_refuses_bad_attributes():
+    a = _arrays()
+    with pytest.raises(native.NativeError, match="unknown activation"):
+        _call(a, activation="swish")
+    with pytest.raises(native.NativeError, match="ungated activation takes no gate"):
+        _call(a, activation="relu")
+    with pytest.raises(native.NativeError, match="limit must be > 0"):
+        _call(a, activation="swiglu_oai", limit=0.0)
+    _call(a)                                        # the error state does not stick
+    assert native.available()
