@@ -409,14 +409,16 @@ def test_moe_large_token_count_and_odd_sizes():
 
 
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("T", [3, 60, 300])
+@pytest.mark.parametrize("T", [3, 28, 60, 300, 1100])
 def test_moe_gemm_blocks_and_tails(wdtype, T):
     # The CPU GEMM's paths, by tokens per expert (E=4, k=2): ~1-2 (dot-product form, weights
-    # streamed, K not blocked), ~30 (dot-product form, K blocks of 512 with 16-lane partial sums
-    # carried) and ~150 (outer-product form from 40: token blocks of 64 = 64 + 64 + 22, K blocks
-    # of 128 with partial sums carried, 6-row weight tiles). H and I leave tails of every K step
-    # and block (1100 = 2*512 + 76 = 8*128 + 76, 531 = 512 + 19 = 4*128 + 19) and of the 6-row
-    # tiles (531 = 88*6 + 3, 1100 = 183*6 + 2).
+    # streamed, K not blocked); ~14 (dot-product form, K blocks of 512 with 16-lane partial
+    # sums carried); ~30 (float32: the outer-product form, from 20 tokens; bfloat16: the dot
+    # form still, up to 40); ~150 (outer-product form: token blocks of 64 = 64 + 64 + 22, K
+    # blocks of 128 with partial sums carried, 6-row weight tiles); ~550 (the FFN's token blocks
+    # of 256, each with its own prepared-tokens key, the last of ~38 tokens). H and I leave
+    # tails of every K step and block (1100 = 2*512 + 76 = 8*128 + 76, 531 = 512 + 19 =
+    # 4*128 + 19) and of the 6-row tiles (531 = 88*6 + 3, 1100 = 183*6 + 2).
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=1100, I=531, bias=True)
     p = random_layer_params(layer, rng(40))
     if wdtype != "float32":
@@ -428,6 +430,23 @@ def test_moe_gemm_blocks_and_tails(wdtype, T):
     x = rng(41).standard_normal((T, 1100)).astype(np.float32)
     y = run_moe(layer, p, x, "float32", wdtype)
     np.testing.assert_allclose(y, moe_forward(x, layer, p), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
+def test_moe_repeated_calls_see_new_tokens(wdtype):
+    # The GEMM keeps each thread's packed tokens between calls (gemm_nt_keyed): a second call
+    # of the same shape, whose buffers may sit at the same addresses, must not reuse them.
+    layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=96, I=80)
+    p = random_layer_params(layer, rng(42))
+    for d in p.experts:
+        for k in d:
+            d[k] = d[k].astype(NP_TYPE[wdtype]).astype(np.float32)
+    p.router_weight[:] = 0.0               # every token to experts 0 and 1: 150 rows each
+    sess = session(moe_model(layer, p, "float32", wdtype))
+    for seed in (43, 44, 45):
+        x = rng(seed).standard_normal((150, 96)).astype(np.float32)
+        y = sess.run(None, {"hidden_states": x})[0]
+        np.testing.assert_allclose(y, moe_forward(x, layer, p), rtol=2e-5, atol=2e-5)
 
 
 def test_moe_nan_rows_and_ties():

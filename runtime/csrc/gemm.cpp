@@ -21,7 +21,7 @@ void gemm_nt(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const vo
 #if defined(SEIF_HAVE_AVX512_GEMM)
 namespace avx512 {
 void gemm_nt(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const void*, DType,
-             int64_t, const void*, float*, int64_t);
+             int64_t, const void*, float*, int64_t, uint64_t);
 void swiglu(const float*, const float*, float*, int64_t);
 }
 #endif
@@ -73,10 +73,16 @@ const char* gemm_isa() {
 
 void gemm_nt(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
              const void* B, DType bt, int64_t ldb, const void* bias, float* C, int64_t ldc) {
+  gemm_nt_keyed(M, n0, n1, K, A, lda, B, bt, ldb, bias, C, ldc, 0);
+}
+
+void gemm_nt_keyed(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
+                   const void* B, DType bt, int64_t ldb, const void* bias, float* C,
+                   int64_t ldc, uint64_t a_key) {
   if (M <= 0 || n1 <= n0) return;
 #if defined(SEIF_HAVE_AVX512_GEMM)
   if (bt != DType::F16 && use_avx512())
-    return avx512::gemm_nt(M, n0, n1, K, A, lda, B, bt, ldb, bias, C, ldc);
+    return avx512::gemm_nt(M, n0, n1, K, A, lda, B, bt, ldb, bias, C, ldc, a_key);
 #endif
 #if defined(SEIF_HAVE_AVX2_GEMM)
   if (use_avx2()) return avx2::gemm_nt(M, n0, n1, K, A, lda, B, bt, ldb, bias, C, ldc);

@@ -2,9 +2,10 @@
 // -mavx512f -mavx512bw -mfma; used only when the CPU has them, see gemm.cpp, which sends float16
 // weights to the AVX2 kernel).
 //
-// Two forms, chosen by the number of tokens M (kOuterMinM), never by the thread count:
+// Two forms, chosen by the number of tokens M and the weight type (outer_min_m), never by the
+// thread count:
 //
-// Dot-product form (fewer than kOuterMinM tokens): A (tokens [M, K],
+// Dot-product form (fewer than outer_min_m tokens): A (tokens [M, K],
 // float32) and B (weights [N, K], the torch layout) are both read along K, so the weights are
 // never packed or transposed and every weight byte is read from memory once per block of kMC
 // tokens. A register tile of MR x NR accumulators of 16 lanes runs along K. Numerics: lane l of
@@ -20,13 +21,15 @@
 // Each 16-lane FMA of this form reads two full vectors, so with the token rows coming from L2 it
 // reached only ~110 GFLOP/s per core (~190 on L1-resident data).
 //
-// Outer-product form (M >= kOuterMinM): tokens are packed k-major in blocks of 64 (4 vectors,
+// Outer-product form (M >= outer_min_m): tokens are packed k-major in blocks of 64 (4 vectors,
 // 32 KiB per K block of 128: L1), weights are broadcast one element at a time from their
 // torch-layout rows (bfloat16 rows are first widened exactly, 6 rows x 128 k at a time, into an
 // L1 buffer), 6 rows x 64 tokens of accumulators; each output is a plain float32 sum over k in
 // increasing order (one FMA per k), then the bias. Measured 1.25-1.5x the dot form from 48
 // tokens on. A token's result can differ in the last bits between an expert
-// that received fewer than kOuterMinM tokens and one that received more (both deterministic).
+// that received fewer than outer_min_m tokens and one that received more (both deterministic).
+// The tokens' packed forms are prepared once per call, or once per thread for all the calls
+// that pass the same key (gemm_nt_keyed, PreparedTokens).
 //
 // bfloat16 weights: one 64-byte load holds 32 weights; a shift and a mask turn it into the
 // float32 weights of the even and the odd k, with no shuffle. The tokens of each K block are
@@ -54,10 +57,16 @@ constexpr int64_t kKC = 512;     // K per block (a multiple of 32)
 constexpr int64_t kKCBig = 1024; // K per block from kBigM tokens on (fewer partial-sum passes)
 constexpr int64_t kBigM = 48;
 constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not blocked
-// From this many tokens on: the outer-product form below (measured on M x 1408 x 2048, float32
-// weights: 0.9x the dot form at M = 33, 1.15x at 40, 1.3x at 48, 1.4x at 256; bfloat16:
-// 1.1x at 40, 1.15-1.25x at 64, 1.25-1.35x at 256).
-constexpr int64_t kOuterMinM = 40;
+// From this many tokens on: the outer-product form below. Measured on M x 1408 x 2048, one core:
+// bfloat16 weights 1.1x the dot form at 40, 1.15-1.25x at 64, 1.25-1.35x at 256 (below 40 the
+// dot form wins when the weights come from memory: its rows need no widening). float32
+// weights: 1.3x at 48, 1.4x at 256, and already 1.1-1.25x at 24-33 tokens (weights from memory
+// or cache; at 16 tokens about even), though only 0.9x at exactly 33 (3 vectors, one holding a
+// single token); in the MoE layer, 20 rather than 40 made deepseek fp32 T=256 (~24 tokens per
+// expert) 4-9% faster over 4 alternating runs, with mixtral T=64 (16 per expert) unchanged.
+constexpr int64_t kOuterMinMBf16 = 40;
+constexpr int64_t kOuterMinMF32 = 20;
+inline int64_t outer_min_m(bool bf16) { return bf16 ? kOuterMinMBf16 : kOuterMinMF32; }
 
 // Sum of the 16 lanes in a fixed order: halves, quarters, pairs, then the last two.
 inline float hsum16(__m512 v) {
@@ -402,25 +411,40 @@ void widen_rows(const uint16_t* B, int64_t ldb, int nr, int64_t kc, float* W) {
     }
 }
 
-// C[m, n] for n in [n0, n1): K blocks outer (the weight block [n0, n1) x kc is read from
-// memory once and reused by every token block), token blocks, then weight-row tiles. bfloat16
-// weights are widened tile by tile into W (kOR x kOKC floats, L1) first.
-void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A,
-                int64_t lda, const void* B, int64_t ldb, const float* bias, float* C,
-                int64_t ldc, float* Pbuf, float* Sbuf, float* Wbuf) {
+// Every token block x K block of A [M, K], packed by pack_tokens, one after another: block
+// (mbk, kb) at P + (mbk * nkb + kb) * kOKC * kOMB, nkb = ceil(K / kOKC).
+int64_t outer_packed_size(int64_t M, int64_t K) {
+  return (M + kOMB - 1) / kOMB * ((K + kOKC - 1) / kOKC) * kOKC * kOMB;
+}
+void pack_outer(const float* A, int64_t lda, int64_t M, int64_t K, float* P) {
+  const int64_t nkb = (K + kOKC - 1) / kOKC;
+  for (int64_t m0 = 0, mbk = 0; m0 < M; m0 += kOMB, ++mbk)
+    for (int64_t kb = 0; kb < nkb; ++kb)
+      pack_tokens(A + m0 * lda, lda, std::min(kOMB, M - m0), kb * kOKC,
+                  std::min(kOKC, K - kb * kOKC), P + (mbk * nkb + kb) * kOKC * kOMB);
+}
+
+// C[m, n] for n in [n0, n1) from the packed tokens P (pack_outer): K blocks outer (the weight
+// block [n0, n1) x kc is read from memory once and reused by every token block), token blocks,
+// then weight-row tiles. bfloat16 weights are widened tile by tile into W (kOR x kOKC floats,
+// L1) first.
+void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* P,
+                const void* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
+                float* Sbuf, float* Wbuf) {
   const int64_t N = n1 - n0, nmb = (M + kOMB - 1) / kOMB, esz = bf16 ? 2 : 4;
+  const int64_t nkb = (K + kOKC - 1) / kOKC;
   const char* Bc = static_cast<const char*>(B);
   for (int64_t k0 = 0; k0 < K; k0 += kOKC) {
     const int64_t kc = std::min(kOKC, K - k0);
     for (int64_t mbk = 0; mbk < nmb; ++mbk) {
       const int64_t m0 = mbk * kOMB, mb = std::min(kOMB, M - m0);
       const int nv = static_cast<int>((mb + 15) / 16);
-      pack_tokens(A + m0 * lda, lda, mb, k0, kc, Pbuf);
+      const float* Pb = P + (mbk * nkb + k0 / kOKC) * kOKC * kOMB;
       for (int64_t j = 0; j < N; j += kOR) {
         const int nr = static_cast<int>(std::min<int64_t>(kOR, N - j));
         const char* Bt = Bc + ((n0 + j) * ldb + k0) * esz;
         OuterArgs t;
-        t.P = Pbuf;
+        t.P = Pb;
         if (bf16) {
           widen_rows(reinterpret_cast<const uint16_t*>(Bt), ldb, nr, kc, Wbuf);
           t.B = Wbuf;
@@ -456,9 +480,39 @@ void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const f
   }
 }
 
+// The tokens A [M, K] as a kernel form wants them (packed k-major blocks for the outer form, the
+// even/odd order for the bfloat16 dot form), kept per thread: a caller that multiplies the same
+// tokens by several weight blocks names them with a key (gemm_nt_keyed) and they are prepared
+// once per thread instead of once per call (the MoE FFN multiplies each expert's token block by
+// I / 128 gate, I / 128 up and H / 128 down weight blocks; re-packing them was ~9% of the
+// outer form's time at deepseek T=1024).
+enum class Form { Outer, EvenOdd };
+class PreparedTokens {
+ public:
+  template <class Prepare>
+  const float* get(uint64_t key, Form form, const float* A, int64_t lda, int64_t M, int64_t K,
+                   int64_t n, Prepare prepare) {
+    if (key == 0 || key != key_ || form != form_ || A != A_ || lda != lda_ || M != M_ ||
+        K != K_) {
+      key_ = 0;  // invalid until prepared (prepare may throw bad_alloc)
+      prepare(buf_.get(n));
+      key_ = key, form_ = form, A_ = A, lda_ = lda, M_ = M, K_ = K;
+    }
+    return buf_.get(n);
+  }
+
+ private:
+  uint64_t key_ = 0;
+  Form form_ = Form::Outer;
+  const float* A_ = nullptr;
+  int64_t lda_ = 0, M_ = 0, K_ = 0;
+  Buffer buf_;
+};
+
 void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
-          const void* B, int64_t ldb, const void* bias, float* C, int64_t ldc) {
-  thread_local Buffer Sbuf, Pbuf, Fbuf, Wbuf;
+          const void* B, int64_t ldb, const void* bias, float* C, int64_t ldc, uint64_t a_key) {
+  thread_local Buffer Sbuf, Fbuf, Wbuf;
+  thread_local PreparedTokens prepared;
   const int MR = bf16 ? 4 : 3, NR = bf16 ? 4 : 8;
   const int64_t esz = bf16 ? 2 : 4;
   const DType bt = bf16 ? DType::BF16 : DType::F32;
@@ -471,7 +525,7 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       }
     return;
   }
-  if (M >= kOuterMinM) {
+  if (M >= outer_min_m(bf16)) {
     const float* fb = nullptr;
     if (bias) {
       float* f = Fbuf.get(n1 - n0);
@@ -479,10 +533,19 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       fb = f;
     }
     const int64_t nmb = (M + kOMB - 1) / kOMB;
-    gemm_outer(bf16, M, n0, n1, K, A, lda, B, ldb, fb, C, ldc, Pbuf.get(kOKC * kOMB),
-               Sbuf.get(nmb * (n1 - n0) * kOMB), Wbuf.get(kOR * kOKC));
+    const float* P = prepared.get(a_key, Form::Outer, A, lda, M, K, outer_packed_size(M, K),
+                                  [&](float* p) { pack_outer(A, lda, M, K, p); });
+    gemm_outer(bf16, M, n0, n1, K, P, B, ldb, fb, C, ldc, Sbuf.get(nmb * (n1 - n0) * kOMB),
+               Wbuf.get(kOR * kOKC));
     return;
   }
+  // bfloat16: the tokens in the even/odd order of tile_bf16, all of K (row stride a multiple
+  // of 32 floats plus one line: rows a power-of-two bytes apart would share L1 sets).
+  const int64_t ldf = (K + 31) / 32 * 32 + 16;
+  const float* EO = nullptr;
+  if (bf16)
+    EO = prepared.get(a_key, Form::EvenOdd, A, lda, M, K, M * ldf,
+                      [&](float* p) { pack_even_odd(A, lda, M, 0, K, p, ldf); });
   for (int64_t m0 = 0; m0 < M; m0 += kMC) {
     const int64_t mb = std::min(kMC, M - m0);
     const int64_t kcm = mb >= kBigM ? kKCBig : kKC;
@@ -499,16 +562,8 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       }
       for (int64_t k0 = 0; k0 < K; k0 += kcb) {
         const int64_t kc = std::min(kcb, K - k0);
-        // bfloat16: the tokens of the block, packed in even/odd order. The row stride is a
-        // multiple of 32 floats plus one line: rows a power-of-two bytes apart share L1 sets.
-        const float* Ab = A + m0 * lda + k0;
-        int64_t ldab = lda;
-        if (bf16) {
-          ldab = (kc + 31) / 32 * 32 + 16;
-          float* P = Pbuf.get(mb * ldab);
-          pack_even_odd(A + m0 * lda, lda, mb, k0, kc, P, ldab);
-          Ab = P;
-        }
+        const float* Ab = bf16 ? EO + m0 * ldf + k0 : A + m0 * lda + k0;
+        const int64_t ldab = bf16 ? ldf : lda;
         // While the token tiles run over one weight panel, the next panel is prefetched, its
         // rows shared out among the token tiles.
         const int n_mt = static_cast<int>((mb + MR - 1) / MR);
@@ -525,11 +580,13 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
               pf_n = tile_width(nb, NR);
             }
           }
-          // Blocked: the weight panel is copied to a buffer with rows one line more than a
-          // multiple of 64 bytes apart (the weight rows are usually 2^n bytes apart).
+          // Blocked, float32: the weight panel is copied to a buffer with rows one line more
+          // than a multiple of 64 bytes apart (the weight rows are usually 2^n bytes apart).
+          // bfloat16 panels are read in place: the copy measured 5-12% slower there (one
+          // core, 12-32 tokens; MoE layer: mixtral T=64 and deepseek T=256 4-12% faster).
           const char* Bp = static_cast<const char*>(B) + ((nc0 + j0) * ldb + k0) * esz;
           int64_t ldbp = ldb;
-          if (blocked) {
+          if (blocked && !bf16) {
             ldbp = ((kc * esz + 63) / 64 * 64 + 64) / esz;
             char* W = reinterpret_cast<char*>(Wbuf.get(NR * ldbp * esz / 4 + 16));
             for (int r = 0; r < nr; ++r)
@@ -566,9 +623,10 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
 }  // namespace
 
 void gemm_nt(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
-             const void* B, DType bt, int64_t ldb, const void* bias, float* C, int64_t ldc) {
+             const void* B, DType bt, int64_t ldb, const void* bias, float* C, int64_t ldc,
+             uint64_t a_key) {
   if (bt == DType::F16) throw Error("avx512::gemm_nt: float16 weights go to the AVX2 kernel");
-  gemm(bt == DType::BF16, M, n0, n1, K, A, lda, B, ldb, bias, C, ldc);
+  gemm(bt == DType::BF16, M, n0, n1, K, A, lda, B, ldb, bias, C, ldc, a_key);
 }
 
 }  // namespace avx512

@@ -7,6 +7,7 @@
 // Expert choice and Soft MoE reuse the same batched FFN runner. Every output element is computed
 // by one task in a fixed order, so results do not depend on the number of threads.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -81,14 +82,21 @@ const void* offset(const void* p, DType t, int64_t elems) {
 // Y = down(act(gate X + bg, up X + bu)) + bd for every job, in two parallel phases.
 void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const Attrs& a,
                   const ParallelFor& pfor) {
+  // Every task of one token block passes the same key with it to gemm_nt_keyed, so a thread
+  // packs those tokens once for all the column blocks (and gate and up) it runs on them. Keys
+  // come from a process-wide counter: never reused, whatever the buffers' addresses.
+  static std::atomic<uint64_t> next_key{1};
   struct Tile {
     size_t job;
     int64_t m0, n0;
+    uint64_t key;
   };
   std::vector<Tile> tiles;
   for (size_t j = 0; j < jobs.size(); ++j)
-    for (int64_t m0 = 0; m0 < jobs[j].M; m0 += kMB)
-      for (int64_t n0 = 0; n0 < jobs[j].I; n0 += kNB) tiles.push_back({j, m0, n0});
+    for (int64_t m0 = 0; m0 < jobs[j].M; m0 += kMB) {
+      const uint64_t key = next_key.fetch_add(1);
+      for (int64_t n0 = 0; n0 < jobs[j].I; n0 += kNB) tiles.push_back({j, m0, n0, key});
+    }
   const bool gated = a.gated();
   const double alpha = a.alpha, limit = a.limit;
   pfor(tiles.size(), [&](size_t ti) {
@@ -97,14 +105,14 @@ void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const At
     const int64_t mb = std::min(kMB, job.M - t.m0), nb = std::min(kNB, job.I - t.n0);
     const float* X = job.X + t.m0 * H;
     float* Hout = job.Hbuf + t.m0 * job.I + t.n0;
-    gemm_nt(mb, 0, nb, H, X, H, offset(job.w.up, wt, t.n0 * H), wt, H,
-            offset(job.w.up_bias, wt, t.n0), Hout, job.I);
+    gemm_nt_keyed(mb, 0, nb, H, X, H, offset(job.w.up, wt, t.n0 * H), wt, H,
+                  offset(job.w.up_bias, wt, t.n0), Hout, job.I, t.key);
     thread_local std::vector<float> gbuf;
     if (gbuf.size() < static_cast<size_t>(kMB * kNB)) gbuf.resize(static_cast<size_t>(kMB * kNB));
     float* g = gbuf.data();
     if (gated)
-      gemm_nt(mb, 0, nb, H, X, H, offset(job.w.gate, wt, t.n0 * H), wt, H,
-              offset(job.w.gate_bias, wt, t.n0), g, nb);
+      gemm_nt_keyed(mb, 0, nb, H, X, H, offset(job.w.gate, wt, t.n0 * H), wt, H,
+                    offset(job.w.gate_bias, wt, t.n0), g, nb, t.key);
     for (int64_t m = 0; m < mb; ++m) {
       float* h = Hout + m * job.I;
       if (a.activation == Activation::SwiGLU && swiglu_f64(g + m * nb, h, h, nb)) continue;
@@ -114,15 +122,17 @@ void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const At
   });
   tiles.clear();
   for (size_t j = 0; j < jobs.size(); ++j)
-    for (int64_t m0 = 0; m0 < jobs[j].M; m0 += kMB)
-      for (int64_t n0 = 0; n0 < H; n0 += kNB) tiles.push_back({j, m0, n0});
+    for (int64_t m0 = 0; m0 < jobs[j].M; m0 += kMB) {
+      const uint64_t key = next_key.fetch_add(1);
+      for (int64_t n0 = 0; n0 < H; n0 += kNB) tiles.push_back({j, m0, n0, key});
+    }
   pfor(tiles.size(), [&](size_t ti) {
     const Tile& t = tiles[ti];
     const FfnJob& job = jobs[t.job];
     const int64_t mb = std::min(kMB, job.M - t.m0), nb = std::min(kNB, H - t.n0);
-    gemm_nt(mb, 0, nb, job.I, job.Hbuf + t.m0 * job.I, job.I,
-            offset(job.w.down, wt, t.n0 * job.I), wt, job.I, offset(job.w.down_bias, wt, t.n0),
-            job.Y + t.m0 * H + t.n0, H);
+    gemm_nt_keyed(mb, 0, nb, job.I, job.Hbuf + t.m0 * job.I, job.I,
+                  offset(job.w.down, wt, t.n0 * job.I), wt, job.I,
+                  offset(job.w.down_bias, wt, t.n0), job.Y + t.m0 * H + t.n0, H, t.key);
   });
 }
 

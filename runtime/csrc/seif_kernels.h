@@ -123,6 +123,13 @@ void topk_lowest_index(const float* v, int64_t n, int64_t k, int64_t* out);
 // or null; C float32 (ldc). K is summed in a fixed blocked order (deterministic).
 void gemm_nt(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
              const void* B, DType bt, int64_t ldb, const void* bias, float* C, int64_t ldc);
+// gemm_nt for a caller that multiplies the same A by several weight blocks: a non-zero a_key
+// names A's contents (together with A, lda, M and K), and a thread that meets them again reuses
+// what it prepared from A (the packed tokens) instead of preparing it again. The caller must not
+// give one key to different contents (0: no reuse). Same results as gemm_nt.
+void gemm_nt_keyed(int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
+                   const void* B, DType bt, int64_t ldb, const void* bias, float* C,
+                   int64_t ldc, uint64_t a_key);
 // Which kernels gemm_nt dispatches to: "avx512,f16:avx2" (float16 weights: AVX2), "avx2" or
 // "generic".
 const char* gemm_isa();
