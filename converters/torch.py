@@ -14,13 +14,17 @@ returned in the input's dtype.
 
 Dispatch is sorted-token grouped: the (token, slot) assignments are sorted by expert once, so
 each expert's rows are contiguous; outputs are weighted and accumulated into the result with
-`index_add_` (a fixed order, no [T*k, H] staging copy). The projections run either as one
-`torch._grouped_mm` over all experts ("grouped_mm": where this torch supports it for the device
-and dtype, probed once; CPU float32 / bf16 / fp16 in torch 2.13 need 16-byte aligned row
-strides) or expert by expert over the active experts only ("per_expert"), where each matmul
-picks its kernel from its row count (MKL GEMV/GEMM for 1-3 rows, oneDNN from 4 rows in float32:
-"per_expert+onednn"). By default the choice is made per call from the dtype and the rows per
-expert (`_dispatch`).
+`index_add_` (a fixed order, no [T*k, H] staging copy). On CPU, when `libseif_ort.so` is built
+(`make native`) and no gradient is needed, the routed experts' FFN runs in its C++ kernels
+through a small C ABI ("native": `seif.runtime.native`; float32 rows and sums on fp32 / bf16 /
+fp16 weights, the same bits for any thread count), because torch's CPU matmuls run the few rows
+per expert far below memory bandwidth (bf16 at half the fp32 rate without AMX). Otherwise the
+projections run either as one `torch._grouped_mm` over all experts ("grouped_mm": where this
+torch supports it for the device and dtype, probed once; CPU float32 / bf16 / fp16 in torch
+2.13 need 16-byte aligned row strides) or expert by expert over the active experts only
+("per_expert"), where each matmul picks its kernel from its row count (MKL GEMV/GEMM for 1-3
+rows, oneDNN from 4 rows in float32: "per_expert+onednn"). By default the choice is made per
+call from the dtype and the rows per expert (`_dispatch`).
 
     moe = seif.converters.torch.load_layer("mixtral.seif", 0)      # nn.Module
     y = moe(hidden_states)                                         # [T, H] or [B, S, H]
@@ -184,10 +188,16 @@ class SparseMoE(nn.Module):
     [n, I_s, H], `shared_down_proj` [n, H, I_s] (+ biases) and `shared_expert_gate` [1, H],
     and `output_bias` [H] (SEIF 1.1, JetMoE: added last, spec §5.16).
 
-    `grouped_mm`: None chooses per call (`_dispatch`: on CPU the per-expert loop for float32
-    experts with 4+ rows on average, bf16 with 32+, else grouped), True forces
-    `torch._grouped_mm` where supported (see `grouped_mm_supported`), False forces the
-    per-expert loop. `last_dispatch` says which ran last: "grouped_mm", "per_expert", or
+    `native`: None (auto, with `grouped_mm` None) runs the routed experts in libseif_ort.so's
+    kernels wherever `_native_refusal` allows (CPU, library built, no gradient needed, experts
+    in their stored float32 / bf16 / fp16, contiguous; `SEIF_TORCH_NATIVE=0` turns auto off);
+    True forces it (a `NativeError` says why when it cannot run); False never uses it.
+    Routing, shared experts and the output bias stay in torch either way.
+    `grouped_mm` (when native does not run): None chooses per call (`_dispatch`: on CPU the
+    per-expert loop for float32 experts with 4+ rows on average, bf16 with 32+, else grouped),
+    True forces `torch._grouped_mm` where supported (see `grouped_mm_supported`), False forces
+    the per-expert loop; either explicit choice also keeps auto from picking native.
+    `last_dispatch` says which ran last: "native", "grouped_mm", "per_expert", or
     "per_expert+onednn" (some expert of the loop used oneDNN).
     `return_router_logits` makes forward return `(out, router_logits)` (the calling convention
     of some transformers decoder layers).
@@ -528,14 +538,9 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(experts, minlength=E)
         dispatch = self._dispatch(cdt, x, counts)
         if dispatch == "native":
-            xs = x.index_select(0, tokens)
-            if on_input and ws is not None:
-                xs = xs.mul_(ws)
-            ys = self._experts_native(xs, counts, ffn)
+            self._experts_native(out, x, tokens, ws, on_input, counts, ffn)
             self.last_dispatch = "native"
-            if not on_input and ws is not None:
-                ys.mul_(ws)
-            return out.index_add_(0, tokens, ys)
+            return out
         if dispatch == "grouped_mm":
             xs = x[tokens]
             if on_input and ws is not None:
@@ -580,17 +585,19 @@ class SparseMoE(nn.Module):
             return "libseif_ort.so (with its C API) is not built: `make native`"
         return None
 
-    def _experts_native(self, xs: torch.Tensor, counts: torch.Tensor,
-                        ffn: FFNSpec) -> torch.Tensor:
-        """Routed experts on rows xs [N, H] float32 sorted by expert (counts [E] rows each) ->
-        [N, H] float32, through libseif_ort.so's `seif_experts_forward` (runtime/csrc/
-        c_api.cpp): its AVX-512 / AVX2 GEMMs read fp32, bf16 or fp16 weights directly with
-        float32 rows and sums (so bf16 experts are not limited by torch's bf16 matmul, half its
-        fp32 rate on CPUs without AMX, nor by its small-row GEMMs far below memory bandwidth),
-        SwiGLU in float64 rounded once, on torch's thread count; results do not depend on it."""
+    def _experts_native(self, out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
+                        ws: torch.Tensor | None, on_input: bool, counts: torch.Tensor,
+                        ffn: FFNSpec) -> None:
+        """`_experts_into` through libseif_ort.so's `seif_moe_experts` (runtime/csrc/
+        c_api.cpp): gather, expert FFNs and the weighted combine into `out` (each token's terms
+        in the sorted order, as index_add_ adds them) in one call. Its AVX-512 / AVX2 GEMMs read
+        fp32, bf16 or fp16 weights directly with float32 rows and sums, so bf16 experts are not
+        held to torch's bf16 matmul (half its fp32 rate on CPUs without AMX) nor fp32 ones to
+        its small-row GEMMs far below memory bandwidth; SwiGLU in float64 rounded once; torch's
+        thread count, the same bits for any. No torch op runs between the gather and the
+        combine: each would leave torch's OpenMP workers spinning on the cores the library's
+        threads need (measured: deepseek fp32 T=1024 452 -> ~400 ms)."""
         native = _native()
-        xs = xs.contiguous()
-        ys = torch.empty_like(xs)
 
         def view(t: torch.Tensor | None):
             if t is None:
@@ -598,13 +605,17 @@ class SparseMoE(nn.Module):
             return native.View(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."),
                                t.is_contiguous())
 
-        native.experts_forward(
-            view(xs), view(counts.to(torch.int64).contiguous()), view(self.up_proj),
-            view(self.down_proj), view(ys), gate=view(self.gate_proj),
+        # Locals: each tensor must outlive the call (a View holds only its address).
+        x = x.contiguous()
+        tokens = tokens.to(torch.int64).contiguous()
+        ws = None if ws is None else ws.reshape(-1).float().contiguous()
+        counts = counts.to(torch.int64).contiguous()
+        native.moe_experts(
+            view(x), view(tokens), view(ws), view(counts), view(self.up_proj),
+            view(self.down_proj), view(out), weight_on_input=on_input, gate=view(self.gate_proj),
             gate_bias=view(self.gate_proj_bias), up_bias=view(self.up_proj_bias),
             down_bias=view(self.down_proj_bias), activation=ffn.activation, alpha=ffn.alpha,
             limit=ffn.limit, threads=torch.get_num_threads())
-        return ys
 
     def _weights(self, name: str, cdt):
         w = getattr(self, f"{name}_proj")

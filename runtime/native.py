@@ -20,9 +20,9 @@ from seif.errors import SeifError
 
 from .library import library_path
 
-__all__ = ["ABI_VERSION", "NativeError", "View", "available", "experts_forward"]
+__all__ = ["ABI_VERSION", "NativeError", "View", "available", "experts_forward", "moe_experts"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # seif::DType codes (runtime/csrc/seif_kernels.h).
 WEIGHT_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -61,6 +61,7 @@ def _bind(lib: ctypes.CDLL) -> bool:
     try:
         version = lib.seif_c_api_version
         forward = lib.seif_experts_forward
+        combined = lib.seif_moe_experts
         last_error = lib.seif_last_error
     except AttributeError:
         return False
@@ -72,6 +73,10 @@ def _bind(lib: ctypes.CDLL) -> bool:
     forward.restype = ctypes.c_int
     forward.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p, p, ctypes.c_int,
                         ctypes.c_char_p, ctypes.c_double, ctypes.c_double, p, ctypes.c_int]
+    combined.restype = ctypes.c_int
+    combined.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, i64, p, i64, p, p, p, p, p, p,
+                         ctypes.c_int, ctypes.c_char_p, ctypes.c_double, ctypes.c_double, p,
+                         ctypes.c_int]
     return True
 
 
@@ -122,29 +127,67 @@ def experts_forward(x: View, counts: View, up: View, down: View, out: View, *,
     N; up/gate: [E, I, H], down: [E, H, I], biases [E, I] / [E, H], all one weight dtype
     (float32, bfloat16 or float16), all contiguous. The C side re-checks what it can see (the
     counts, the activation); anything refused raises NativeError."""
+    lib = _loaded()
+    if len(x.shape) != 2:
+        raise NativeError(f"x must be [N, H]; got {list(x.shape)}")
+    N, H = x.shape
+    E, weights = _weights(counts, up, down, gate, gate_bias, up_bias, down_bias, H)
+    args = [_check("x", x, (N, H), ("float32",)), N, H, up.shape[1], weights[0], E,
+            *weights[1:], WEIGHT_DTYPES[up.dtype], activation.encode(), float(alpha),
+            float(limit), _check("out", out, (N, H), ("float32",)), max(1, int(threads))]
+    if lib.seif_experts_forward(*args) != 0:
+        raise NativeError(lib.seif_last_error().decode(errors="replace"))
+
+
+def moe_experts(x: View, tokens: View, weights: View | None, counts: View, up: View, down: View,
+                out: View, *, weight_on_input: bool = False, gate: View | None = None,
+                gate_bias: View | None = None, up_bias: View | None = None,
+                down_bias: View | None = None, activation: str = "swiglu", alpha: float = 1.702,
+                limit: float = 7.0, threads: int = 1) -> None:
+    """The experts on gathered tokens, added into `out`: for each assignment r (sorted by
+    expert, counts[e] each), out[tokens[r]] += weights[r] * FFN_e(x[tokens[r]]) (the weight on
+    the expert's input instead with `weight_on_input`; weights None = 1), a token's terms in
+    increasing r. x, out: [T, H] float32; tokens [N] int64; weights [N] float32. Gathering and
+    combining in C keeps torch ops (and their OpenMP threads) out of the expert phase."""
+    lib = _loaded()
+    if len(x.shape) != 2 or len(tokens.shape) != 1:
+        raise NativeError(f"x must be [T, H] and tokens [N]; got {list(x.shape)}, "
+                          f"{list(tokens.shape)}")
+    (T, H), N = x.shape, tokens.shape[0]
+    E, wts = _weights(counts, up, down, gate, gate_bias, up_bias, down_bias, H)
+    args = [_check("x", x, (T, H), ("float32",)), T, H, up.shape[1],
+            _check("tokens", tokens, (N,), ("int64",)),
+            _check("weights", weights, (N,), ("float32",), optional=True),
+            int(bool(weight_on_input)), N, wts[0], E, *wts[1:], WEIGHT_DTYPES[up.dtype],
+            activation.encode(), float(alpha), float(limit),
+            _check("out", out, (T, H), ("float32",)), max(1, int(threads))]
+    if lib.seif_moe_experts(*args) != 0:
+        raise NativeError(lib.seif_last_error().decode(errors="replace"))
+
+
+def _loaded() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
         raise NativeError("the native library (libseif_ort.so with the C API) is not available; "
                           "build it with `make native`")
-    if len(x.shape) != 2 or len(up.shape) != 3:
-        raise NativeError(f"x must be [N, H] and up [E, I, H]; got {list(x.shape)}, "
-                          f"{list(up.shape)}")
-    N, H = x.shape
+    return lib
+
+
+def _weights(counts: View, up: View, down: View, gate: View | None, gate_bias: View | None,
+             up_bias: View | None, down_bias: View | None, H: int) -> tuple[int, list]:
+    """E and the checked addresses [counts, gate, up, down, gate_bias, up_bias, down_bias]."""
+    if len(up.shape) != 3:
+        raise NativeError(f"up must be [E, I, H]; got {list(up.shape)}")
     E, I = up.shape[0], up.shape[1]
     wt = up.dtype
     if wt not in WEIGHT_DTYPES:
         raise NativeError(f"expert weights are {wt}; expected float32, bfloat16 or float16")
-    args = [
-        _check("x", x, (N, H), ("float32",)), N, H, I,
-        _check("counts", counts, (E,), ("int64",)), E,
+    return E, [
+        _check("counts", counts, (E,), ("int64",)),
         _check("gate", gate, (E, I, H), (wt,), optional=True),
         _check("up", up, (E, I, H), (wt,)),
         _check("down", down, (E, H, I), (wt,)),
         _check("gate_bias", gate_bias, (E, I), (wt,), optional=True),
         _check("up_bias", up_bias, (E, I), (wt,), optional=True),
         _check("down_bias", down_bias, (E, H), (wt,), optional=True),
-        WEIGHT_DTYPES[wt], activation.encode(), float(alpha), float(limit),
-        _check("out", out, (N, H), ("float32",)), max(1, int(threads)),
     ]
-    if lib.seif_experts_forward(*args) != 0:
-        raise NativeError(lib.seif_last_error().decode(errors="replace"))

@@ -303,3 +303,30 @@ def test_c_api_refuses_bad_attributes():
         _call(a, activation="swiglu_oai", limit=0.0)
     _call(a)                                        # the error state does not stick
     assert native.available()
+
+
+@pytest.mark.parametrize("mode", ["output", "input", "none"])
+def test_c_api_gather_and_combine(mode):
+    """seif_moe_experts == gather, seif_experts_forward, weight, index_add_ (in NumPy)."""
+    a = _arrays()
+    rng = np.random.default_rng(13)
+    T = 4
+    tokens = rng.integers(0, T, size=len(a["x"])).astype(np.int64)
+    w = rng.random(len(tokens)).astype(np.float32)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    gathered = x[tokens] * (w[:, None] if mode == "input" else 1)
+    a["x"] = np.ascontiguousarray(gathered, np.float32)
+    _call(a)
+    want = np.zeros((T, H), np.float32)
+    np.add.at(want, tokens, a["out"] * (w[:, None] if mode == "output" else 1))
+    out = np.zeros((T, H), np.float32)
+    v = native.View.of_numpy
+    native.moe_experts(v(x), v(tokens), None if mode == "none" else v(w), v(a["counts"]),
+                       v(a["up"]), v(a["down"]), v(out), weight_on_input=mode == "input",
+                       gate=v(a["gate"]), threads=2)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    bad = np.array(tokens)
+    bad[3] = T
+    with pytest.raises(native.NativeError, match=r"token index 4 is not in \[0, 4\)"):
+        native.moe_experts(v(x), v(bad), v(w), v(a["counts"]), v(a["up"]), v(a["down"]),
+                           v(out), gate=v(a["gate"]))

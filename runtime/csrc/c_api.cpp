@@ -197,58 +197,54 @@ struct FreeDeleter {
 }  // namespace
 
 // Version of this C ABI: callers check it before binding the functions below.
-SEIF_C_API int seif_c_api_version() { return 1; }
+SEIF_C_API int seif_c_api_version() { return 2; }
 
 // The message of the last failed call on this thread ("" after a successful one).
 SEIF_C_API const char* seif_last_error() { return g_last_error.c_str(); }
 
-// Routed experts' FFN on rows already sorted by expert:
-//   Y[r] = down_e(act(gate_e X[r] + gb_e, up_e X[r] + ub_e)) + db_e
-// for the counts[e] rows of expert e (e = 0..E-1, consecutive). X, Y: [N, H] float32
-// contiguous; gate/up: [E, I, H], down: [E, H, I], biases [E, I], [E, I], [E, H] contiguous, of
-// weight dtype `dtype` (0 float32, 1 float16, 2 bfloat16); gate and gate_bias null for ungated
-// activations; any bias may be null. activation: a SEIF activation name (spec §5.13), alpha and
-// limit for swiglu_oai. threads >= 1. Returns 0, or non-zero with seif_last_error() set (nothing
-// is guaranteed about Y then).
-SEIF_C_API int seif_experts_forward(const float* X, int64_t N, int64_t H, int64_t I,
-                                    const int64_t* counts, int64_t E, const void* gate,
-                                    const void* up, const void* down, const void* gate_bias,
-                                    const void* up_bias, const void* down_bias, int dtype,
-                                    const char* activation, double alpha, double limit, float* Y,
-                                    int threads) {
-  return guarded([&] {
+namespace {
+
+// The checks and per-expert jobs both entry points share. Throws seif::Error.
+struct Experts {
+  int64_t N, H, I, E;
+  const int64_t* counts;
+  const void *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+  seif::DType wt;
+  seif::Attrs a;
+
+  void check(int dtype, const char* activation, double alpha, double limit) {
     using seif::Error;
     if (N < 0 || H < 1 || I < 1 || E < 1)
-      throw Error("seif_experts_forward: need N >= 0, H >= 1, I >= 1, E >= 1 (got N=" +
+      throw Error("seif experts: need N >= 0, H >= 1, I >= 1, E >= 1 (got N=" +
                   std::to_string(N) + ", H=" + std::to_string(H) + ", I=" + std::to_string(I) +
                   ", E=" + std::to_string(E) + ")");
     if (!counts || !up || !down || !activation)
-      throw Error("seif_experts_forward: counts, up, down and activation are required");
-    if (N > 0 && (!X || !Y)) throw Error("seif_experts_forward: X and Y are required");
-    const seif::DType wt = dtype_of(dtype);
-    seif::Attrs a;
+      throw Error("seif experts: counts, up, down and activation are required");
+    wt = dtype_of(dtype);
     a.activation = seif::parse_activation(activation);
     a.alpha = static_cast<float>(alpha);
     a.limit = static_cast<float>(limit);
     if (a.gated() != (gate != nullptr))
-      throw Error(a.gated() ? "seif_experts_forward: a gated activation needs gate weights"
-                            : "seif_experts_forward: an ungated activation takes no gate");
-    if (!a.gated() && gate_bias)
-      throw Error("seif_experts_forward: an ungated activation takes no gate bias");
+      throw Error(a.gated() ? "seif experts: a gated activation needs gate weights"
+                            : "seif experts: an ungated activation takes no gate");
+    if (!a.gated() && gate_bias) throw Error("seif experts: an ungated activation takes no gate bias");
     if (a.activation == seif::Activation::SwiGLUOai && !(a.limit > 0.0f))
-      throw Error("seif_experts_forward: limit must be > 0");
+      throw Error("seif experts: limit must be > 0");
     int64_t total = 0;
     for (int64_t e = 0; e < E; ++e) {
       if (counts[e] < 0 || counts[e] > N - total)
-        throw Error("seif_experts_forward: expert row counts must be >= 0 and sum to N = " +
+        throw Error("seif experts: expert row counts must be >= 0 and sum to N = " +
                     std::to_string(N));
       total += counts[e];
     }
     if (total != N)
-      throw Error("seif_experts_forward: expert row counts sum to " + std::to_string(total) +
+      throw Error("seif experts: expert row counts sum to " + std::to_string(total) +
                   ", not N = " + std::to_string(N));
-    if (N == 0) return;
+  }
 
+  // Y [N, H] = the experts' FFN on X [N, H] (rows sorted by expert).
+  void run(const float* X, float* Y, int threads) const {
+    if (N == 0) return;
     const size_t bytes = (static_cast<size_t>(N) * static_cast<size_t>(I) * 4 + 63) / 64 * 64;
     std::unique_ptr<float[], FreeDeleter> hbuf(static_cast<float*>(std::aligned_alloc(64, bytes)));
     if (!hbuf) throw std::bad_alloc();
@@ -274,5 +270,111 @@ SEIF_C_API int seif_experts_forward(const float* X, int64_t N, int64_t H, int64_
     }
     PoolFor pool(threads);
     seif::run_ffn_jobs(jobs, H, wt, a, pool.pfor());
+  }
+};
+
+std::unique_ptr<float[], FreeDeleter> floats(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
+  std::unique_ptr<float[], FreeDeleter> p(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+// fn(i) for i < n in chunks of 32 on the pool.
+void parallel_chunks(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+  constexpr int64_t kChunk = 32;
+  PoolFor pool(threads);
+  pool.pfor()(static_cast<size_t>((n + kChunk - 1) / kChunk), [&](size_t c) {
+    const int64_t r0 = static_cast<int64_t>(c) * kChunk, r1 = std::min(n, r0 + kChunk);
+    for (int64_t r = r0; r < r1; ++r) fn(r);
+  });
+}
+
+}  // namespace
+
+// Routed experts' FFN on rows already sorted by expert:
+//   Y[r] = down_e(act(gate_e X[r] + gb_e, up_e X[r] + ub_e)) + db_e
+// for the counts[e] rows of expert e (e = 0..E-1, consecutive). X, Y: [N, H] float32
+// contiguous; gate/up: [E, I, H], down: [E, H, I], biases [E, I], [E, I], [E, H] contiguous, of
+// weight dtype `dtype` (0 float32, 1 float16, 2 bfloat16); gate and gate_bias null for ungated
+// activations; any bias may be null. activation: a SEIF activation name (spec §5.13), alpha and
+// limit for swiglu_oai. threads >= 1. Returns 0, or non-zero with seif_last_error() set (nothing
+// is guaranteed about Y then).
+SEIF_C_API int seif_experts_forward(const float* X, int64_t N, int64_t H, int64_t I,
+                                    const int64_t* counts, int64_t E, const void* gate,
+                                    const void* up, const void* down, const void* gate_bias,
+                                    const void* up_bias, const void* down_bias, int dtype,
+                                    const char* activation, double alpha, double limit, float* Y,
+                                    int threads) {
+  return guarded([&] {
+    Experts ex{N, H, I, E, counts, gate, up, down, gate_bias, up_bias, down_bias, {}, {}};
+    ex.check(dtype, activation, alpha, limit);
+    if (N > 0 && (!X || !Y)) throw seif::Error("seif_experts_forward: X and Y are required");
+    ex.run(X, Y, threads);
+  });
+}
+
+// The same experts on gathered tokens, combined into `out`: for every assignment r < N (sorted
+// by expert as counts says), token t = tokens[r] in [0, T):
+//   out[t] += w[r] * FFN_e(X[t])          (weights given, weight_on_input 0)
+//   out[t] += FFN_e(w[r] * X[t])          (weight_on_input 1)
+//   out[t] += FFN_e(X[t])                 (weights null)
+// X, out: [T, H] float32 contiguous; tokens [N] int64; weights [N] float32 or null. A token's
+// contributions are added in increasing r, as torch's index_add_ over the sorted assignments
+// does; the gather and the combine run on the pool too (no torch op between them).
+SEIF_C_API int seif_moe_experts(const float* X, int64_t T, int64_t H, int64_t I,
+                                const int64_t* tokens, const float* weights,
+                                int weight_on_input, int64_t N, const int64_t* counts, int64_t E,
+                                const void* gate, const void* up, const void* down,
+                                const void* gate_bias, const void* up_bias,
+                                const void* down_bias, int dtype, const char* activation,
+                                double alpha, double limit, float* out, int threads) {
+  return guarded([&] {
+    using seif::Error;
+    Experts ex{N, H, I, E, counts, gate, up, down, gate_bias, up_bias, down_bias, {}, {}};
+    ex.check(dtype, activation, alpha, limit);
+    if (T < 0) throw Error("seif_moe_experts: T must be >= 0");
+    if (N == 0) return;
+    if (!X || !out || !tokens) throw Error("seif_moe_experts: X, tokens and out are required");
+    std::vector<int64_t> start(static_cast<size_t>(T) + 1, 0);
+    for (int64_t r = 0; r < N; ++r) {
+      if (tokens[r] < 0 || tokens[r] >= T)
+        throw Error("seif_moe_experts: token index " + std::to_string(tokens[r]) +
+                    " is not in [0, " + std::to_string(T) + ")");
+      ++start[static_cast<size_t>(tokens[r]) + 1];
+    }
+    for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
+    std::vector<int64_t> rows(static_cast<size_t>(N));  // a token's rows, increasing r
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t r = 0; r < N; ++r) rows[fill[tokens[r]]++] = r;
+    }
+    const bool on_input = weight_on_input != 0 && weights;
+    auto Xg = floats(N * H), Yg = floats(N * H);
+    parallel_chunks(N, threads, [&](int64_t r) {
+      const float* x = X + tokens[r] * H;
+      float* d = Xg.get() + r * H;
+      if (on_input) {
+        const float w = weights[r];
+        for (int64_t h = 0; h < H; ++h) d[h] = w * x[h];
+      } else {
+        std::copy(x, x + H, d);
+      }
+    });
+    ex.run(Xg.get(), Yg.get(), threads);
+    const bool scale = weights && !on_input;
+    parallel_chunks(T, threads, [&](int64_t t) {
+      float* o = out + t * H;
+      for (int64_t i = start[t]; i < start[t + 1]; ++i) {
+        const int64_t r = rows[i];
+        const float* y = Yg.get() + r * H;
+        if (scale) {
+          const float w = weights[r];
+          for (int64_t h = 0; h < H; ++h) o[h] += w * y[h];
+        } else {
+          for (int64_t h = 0; h < H; ++h) o[h] += y[h];
+        }
+      }
+    });
   });
 }
