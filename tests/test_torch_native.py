@@ -99,7 +99,7 @@ def test_native_matches_reference(case, dtype, T):
     are held to bf16 accuracy, all others to float32's."""
     spec = CASES[case]
     params = bf16_exact(random_layer_params(spec, np.random.default_rng(0)))
-    module = st.SparseMoE.from_params(spec, params, dtype)
+    module = st.SparseMoE.from_params(spec, params, dtype, native=True)
     assert module.up_proj.dtype == dtype
     x = tokens(T)
     got = run(module, x)
@@ -202,6 +202,22 @@ def test_missing_library_falls_back(monkeypatch):
     forced = st.SparseMoE.from_params(spec, params, native=True)
     with pytest.raises(native.NativeError, match="make native"):
         run(forced, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_leaves_one_row_per_expert_fp32_to_torch(dtype):
+    """Auto: a single token (one row per chosen expert) in float32 runs in torch, where it was
+    measured faster; bf16, and fp32 with more rows, run native."""
+    spec = CASES["swiglu-renorm"]
+    params = random_layer_params(spec, np.random.default_rng(14))
+    module = st.SparseMoE.from_params(spec, params, dtype)
+    run(module, tokens(1))
+    assert (module.last_dispatch == "native") == (dtype == torch.bfloat16)
+    run(module, tokens(37))
+    assert module.last_dispatch == "native"
+    forced = st.SparseMoE.from_params(spec, params, dtype, native=True)
+    run(forced, tokens(1))
+    assert forced.last_dispatch == "native"
 
 
 def test_settings_choose_the_dispatch(monkeypatch):
