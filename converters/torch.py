@@ -190,8 +190,7 @@ class SparseMoE(nn.Module):
 
     `native`: None (auto, with `grouped_mm` None) runs the routed experts in libseif_ort.so's
     kernels wherever `_native_refusal` allows (CPU, library built, no gradient needed, experts
-    in their stored float32 / bf16 / fp16, contiguous; `SEIF_TORCH_NATIVE=0` turns auto off;
-    float32 experts with one row each, a decode step, stay in torch, measured faster there);
+    in their stored float32 / bf16 / fp16, contiguous; `SEIF_TORCH_NATIVE=0` turns auto off);
     True forces it (a `NativeError` says why when it cannot run); False never uses it.
     Routing, shared experts and the output bias stay in torch either way.
     `grouped_mm` (when native does not run): None chooses per call (`_dispatch`: on CPU the
@@ -496,13 +495,6 @@ class SparseMoE(nn.Module):
             and os.environ.get("SEIF_TORCH_NATIVE", "") != "0"
         if self.native or auto:
             why_not = self._native_refusal(cdt, x)
-            if why_not is None and auto and cdt == torch.float32 \
-                    and int(counts.sum()) <= int(torch.count_nonzero(counts)):
-                # One row per expert (a decode step): the torch ops before this call leave
-                # torch's OpenMP workers spinning on the core the library's second thread needs;
-                # torch's fp32 GEMV is at the floor there anyway (deepseek T=1: 9.1 ms torch,
-                # 10.3 native, floor 8.5). bf16 stays native (7.2 vs 9.1 ms, floor 4.1).
-                why_not = "auto: float32 experts with one row each run in torch"
             if why_not is None:
                 return "native"
             if self.native:
