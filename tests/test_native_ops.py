@@ -433,18 +433,21 @@ def test_moe_gemm_blocks_and_tails(wdtype, T):
 
 
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
-def test_moe_repeated_calls_see_new_tokens(wdtype):
+@pytest.mark.parametrize("T", [65, 87, 150])
+def test_moe_repeated_calls_see_new_tokens(wdtype, T):
     # The GEMM keeps each thread's packed tokens between calls (gemm_nt_keyed): a second call
     # of the same shape, whose buffers may sit at the same addresses, must not reuse them.
+    # Every token goes to experts 0 and 1, T rows each: 65 = 64 + 1, 87 = 80 + 7, 150 = 144 + 6,
+    # so the outer form takes the multiple of 16 and the dot form the last 1-7 rows.
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=96, I=80)
     p = random_layer_params(layer, rng(42))
     for d in p.experts:
         for k in d:
             d[k] = d[k].astype(NP_TYPE[wdtype]).astype(np.float32)
-    p.router_weight[:] = 0.0               # every token to experts 0 and 1: 150 rows each
+    p.router_weight[:] = 0.0
     sess = session(moe_model(layer, p, "float32", wdtype))
     for seed in (43, 44, 45):
-        x = rng(seed).standard_normal((150, 96)).astype(np.float32)
+        x = rng(seed).standard_normal((T, 96)).astype(np.float32)
         y = sess.run(None, {"hidden_states": x})[0]
         np.testing.assert_allclose(y, moe_forward(x, layer, p), rtol=2e-5, atol=2e-5)
 
