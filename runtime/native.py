@@ -26,7 +26,6 @@ ABI_VERSION = 2
 
 # seif::DType codes (runtime/csrc/seif_kernels.h).
 WEIGHT_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
-ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 
 
 class NativeError(SeifError):

@@ -24,9 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <cstdlib>
 #include <exception>
-#include <memory>
 #include <mutex>
 #include <new>
 #include <string>
@@ -214,15 +212,6 @@ seif::DType dtype_of(int code) {
   }
 }
 
-const void* at(const void* p, seif::DType t, int64_t elems) {
-  if (!p) return nullptr;
-  return static_cast<const char*>(p) + static_cast<size_t>(elems) * seif::dtype_size(t);
-}
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-
 }  // namespace
 
 // Version of this C ABI: callers check it before binding the functions below.
@@ -272,23 +261,16 @@ struct Experts {
   }
 
   // Y [N, H] = the experts' FFN on X [N, H] (rows sorted by expert).
-  void run(const float* X, float* Y, int threads) const {
+  void run(const float* X, float* Y, const seif::ParallelFor& pfor) const {
     if (N == 0) return;
-    const size_t bytes = (static_cast<size_t>(N) * static_cast<size_t>(I) * 4 + 63) / 64 * 64;
-    std::unique_ptr<float[], FreeDeleter> hbuf(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    if (!hbuf) throw std::bad_alloc();
+    const seif::FloatBuf hbuf = seif::uninit(N * I);
     std::vector<seif::FfnJob> jobs;
     int64_t row = 0;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t M = counts[e];
       if (M == 0) continue;
       seif::FfnJob j;
-      j.w.gate = at(gate, wt, e * I * H);
-      j.w.up = at(up, wt, e * I * H);
-      j.w.down = at(down, wt, e * H * I);
-      j.w.gate_bias = at(gate_bias, wt, e * I);
-      j.w.up_bias = at(up_bias, wt, e * I);
-      j.w.down_bias = at(down_bias, wt, e * H);
+      j.w = seif::stacked_expert(gate, up, down, gate_bias, up_bias, down_bias, wt, e, I, H);
       j.I = I;
       j.X = X + row * H;
       j.M = M;
@@ -297,27 +279,9 @@ struct Experts {
       jobs.push_back(j);
       row += M;
     }
-    PoolFor pool(threads);
-    seif::run_ffn_jobs(jobs, H, wt, a, pool.pfor());
+    seif::run_ffn_jobs(jobs, H, wt, a, pfor);
   }
 };
-
-std::unique_ptr<float[], FreeDeleter> floats(int64_t n) {
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
-  std::unique_ptr<float[], FreeDeleter> p(static_cast<float*>(std::aligned_alloc(64, bytes)));
-  if (!p) throw std::bad_alloc();
-  return p;
-}
-
-// fn(i) for i < n in chunks of 32 on the pool.
-void parallel_chunks(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
-  constexpr int64_t kChunk = 32;
-  PoolFor pool(threads);
-  pool.pfor()(static_cast<size_t>((n + kChunk - 1) / kChunk), [&](size_t c) {
-    const int64_t r0 = static_cast<int64_t>(c) * kChunk, r1 = std::min(n, r0 + kChunk);
-    for (int64_t r = r0; r < r1; ++r) fn(r);
-  });
-}
 
 }  // namespace
 
@@ -339,7 +303,8 @@ SEIF_C_API int seif_experts_forward(const float* X, int64_t N, int64_t H, int64_
     Experts ex{N, H, I, E, counts, gate, up, down, gate_bias, up_bias, down_bias, {}, {}};
     ex.check(dtype, activation, alpha, limit);
     if (N > 0 && (!X || !Y)) throw seif::Error("seif_experts_forward: X and Y are required");
-    ex.run(X, Y, threads);
+    const PoolFor pool(threads);
+    ex.run(X, Y, pool.pfor());
   });
 }
 
@@ -379,8 +344,10 @@ SEIF_C_API int seif_moe_experts(const float* X, int64_t T, int64_t H, int64_t I,
       for (int64_t r = 0; r < N; ++r) rows[fill[tokens[r]]++] = r;
     }
     const bool on_input = weight_on_input != 0 && weights;
-    auto Xg = floats(N * H), Yg = floats(N * H);
-    parallel_chunks(N, threads, [&](int64_t r) {
+    const seif::FloatBuf Xg = seif::uninit(N * H), Yg = seif::uninit(N * H);
+    const PoolFor pool(threads);
+    const seif::ParallelFor pfor = pool.pfor();
+    seif::parallel_rows(N, pfor, [&](int64_t r) {
       const float* x = X + tokens[r] * H;
       float* d = Xg.get() + r * H;
       if (on_input) {
@@ -390,9 +357,9 @@ SEIF_C_API int seif_moe_experts(const float* X, int64_t T, int64_t H, int64_t I,
         std::copy(x, x + H, d);
       }
     });
-    ex.run(Xg.get(), Yg.get(), threads);
+    ex.run(Xg.get(), Yg.get(), pfor);
     const bool scale = weights && !on_input;
-    parallel_chunks(T, threads, [&](int64_t t) {
+    seif::parallel_rows(T, pfor, [&](int64_t t) {
       float* o = out + t * H;
       for (int64_t i = start[t]; i < start[t + 1]; ++i) {
         const int64_t r = rows[i];

@@ -63,7 +63,8 @@ inline float act1(Activation act, float gate, float up, double alpha, double lim
 }
 
 // ----------------------------------------------------------------------------- batched FFN
-// FfnWeights, FfnJob and run_ffn_jobs are declared in seif_kernels.h (c_api.cpp calls them too).
+// FfnWeights, FfnJob, run_ffn_jobs and the helpers below (offset, stacked_expert, uninit,
+// parallel_rows) are declared in seif_kernels.h: c_api.cpp uses them too.
 
 // FFN task tiles: up to kMB tokens of one expert times kNB output columns. Large kMB: a task's
 // weight rows are read from memory once for all of its tokens (gemm_nt blocks the tokens itself).
@@ -72,12 +73,41 @@ inline float act1(Activation act, float gate, float up, double alpha, double lim
 constexpr int64_t kMB = 256;  // token rows per tile
 constexpr int64_t kNB = 128;  // output columns per tile
 
+}  // namespace
+
 const void* offset(const void* p, DType t, int64_t elems) {
   if (!p) return nullptr;
   return static_cast<const char*>(p) + static_cast<size_t>(elems) * dtype_size(t);
 }
 
-}  // namespace
+FfnWeights stacked_expert(const void* gate, const void* up, const void* down,
+                          const void* gate_bias, const void* up_bias, const void* down_bias,
+                          DType wt, int64_t e, int64_t I, int64_t H) {
+  FfnWeights w;
+  w.gate = offset(gate, wt, e * I * H);
+  w.up = offset(up, wt, e * I * H);
+  w.down = offset(down, wt, e * H * I);
+  w.gate_bias = offset(gate_bias, wt, e * I);
+  w.up_bias = offset(up_bias, wt, e * I);
+  w.down_bias = offset(down_bias, wt, e * H);
+  return w;
+}
+
+FloatBuf uninit(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  return FloatBuf(p);
+}
+
+void parallel_rows(int64_t n, const ParallelFor& pfor, const std::function<void(int64_t)>& f) {
+  constexpr int64_t kChunk = 32;
+  const int64_t tasks = (n + kChunk - 1) / kChunk;
+  pfor(static_cast<size_t>(tasks), [&](size_t i) {
+    const int64_t r0 = static_cast<int64_t>(i) * kChunk, r1 = std::min(n, r0 + kChunk);
+    for (int64_t r = r0; r < r1; ++r) f(r);
+  });
+}
 
 // Y = down(act(gate X + bg, up X + bu)) + bd for every job, in two parallel phases.
 void run_ffn_jobs(const std::vector<FfnJob>& jobs, int64_t H, DType wt, const Attrs& a,
@@ -153,39 +183,8 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const float* A, const void* 
 FfnWeights expert_weights(const TensorArg* in, int64_t e, int64_t I, int64_t H, bool shared) {
   const int base = shared ? kSharedGateProj : kGateProj;
   const int bbase = shared ? kSharedGateBias : kGateBias;
-  const DType wt = in[base + 1].dtype;
-  FfnWeights w;
-  w.gate = offset(in[base].data, wt, e * I * H);
-  w.up = offset(in[base + 1].data, wt, e * I * H);
-  w.down = offset(in[base + 2].data, wt, e * H * I);
-  w.gate_bias = offset(in[bbase].data, wt, e * I);
-  w.up_bias = offset(in[bbase + 1].data, wt, e * I);
-  w.down_bias = offset(in[bbase + 2].data, wt, e * H);
-  return w;
-}
-
-// A float buffer left uninitialised (every element is written before it is read: zero-filling
-// the gathered tokens, hidden activations and expert outputs would cost a pass over memory), on
-// 64-byte boundaries so that the GEMM's 64-byte row loads do not straddle cache lines.
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using FloatBuf = std::unique_ptr<float[], FreeDeleter>;
-
-FloatBuf uninit(int64_t n) {
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
-  if (!p) throw std::bad_alloc();
-  return FloatBuf(p);
-}
-
-void parallel_rows(int64_t n, const ParallelFor& pfor, const std::function<void(int64_t)>& f) {
-  constexpr int64_t kChunk = 32;
-  const int64_t tasks = (n + kChunk - 1) / kChunk;
-  pfor(static_cast<size_t>(tasks), [&](size_t i) {
-    const int64_t r0 = static_cast<int64_t>(i) * kChunk, r1 = std::min(n, r0 + kChunk);
-    for (int64_t r = r0; r < r1; ++r) f(r);
-  });
+  return stacked_expert(in[base].data, in[base + 1].data, in[base + 2].data, in[bbase].data,
+                        in[bbase + 1].data, in[bbase + 2].data, in[base + 1].dtype, e, I, H);
 }
 
 // ----------------------------------------------------------------------------- the kinds

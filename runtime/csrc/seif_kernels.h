@@ -9,7 +9,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -149,6 +151,27 @@ struct FfnWeights {
   const void* up_bias = nullptr;
   const void* down_bias = nullptr;
 };
+
+// Expert e's weights in stacked tensors of type wt: gate/up [E, I, H], down [E, H, I], biases
+// [E, I], [E, I], [E, H] (any pointer may be null).
+FfnWeights stacked_expert(const void* gate, const void* up, const void* down,
+                          const void* gate_bias, const void* up_bias, const void* down_bias,
+                          DType wt, int64_t e, int64_t I, int64_t H);
+
+// p + elems elements of type t (null stays null).
+const void* offset(const void* p, DType t, int64_t elems);
+
+// A float buffer left uninitialised (every element is written before it is read: zero-filling
+// the gathered tokens, hidden activations and expert outputs would cost a pass over memory), on
+// 64-byte boundaries so that the GEMM's 64-byte row loads do not straddle cache lines.
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using FloatBuf = std::unique_ptr<float[], FreeDeleter>;
+FloatBuf uninit(int64_t n);  // n floats (at least one); throws std::bad_alloc
+
+// f(r) for r < n, in tasks of 32 rows.
+void parallel_rows(int64_t n, const ParallelFor& pfor, const std::function<void(int64_t)>& f);
 
 // One expert's rows: Y [M, H] = down(act(gate X, up X)), X [M, H] float32 contiguous, Hbuf
 // [M, I] float32 scratch.
