@@ -2,22 +2,22 @@
 // -mavx512f -mavx512bw -mfma; used only when the CPU has them, see gemm.cpp, which sends float16
 // weights to the AVX2 kernel).
 //
-// Two forms, chosen by the number of tokens M and the weight type (outer_min_m), never by the
-// thread count:
+// Three forms, chosen by the number of tokens M and the weight type (outer_min_m,
+// kColMinMF32), never by the thread count:
 //
-// Dot-product form (fewer than outer_min_m tokens): A (tokens [M, K],
-// float32) and B (weights [N, K], the torch layout) are both read along K, so the weights are
-// never packed or transposed and every weight byte is read from memory once per block of kMC
-// tokens. A register tile of MR x NR accumulators of 16 lanes runs along K. Numerics: lane l of
+// Dot-product form (fewer than outer_min_m tokens; float32: fewer than kColMinMF32): A (tokens
+// [M, K], float32) and B (weights [N, K], the torch layout) are both read along K, so the
+// weights are never packed or transposed and every weight byte is read from memory once per
+// block of kMC tokens. A register tile of MR x NR accumulators of 16 lanes runs along K. Numerics: lane l of
 // an accumulator adds its products in increasing k (float32: the k = l mod 16; bfloat16: the
 // k = 2l and 2l + 1 mod 32), the 16 lanes are added in one fixed tree at the end, then the bias.
 // Partial accumulators of a K block are kept whole (16 lanes) between blocks, so the result does
 // not depend on the blocking or on the thread count.
 //
 // Blocking: up to kStreamM tokens, no K blocking (each weight row streams once, front to back);
-// above, K blocks of kKC (kKCBig from kBigM tokens) so that the A block (kMC x kKC floats, L2) is
-// reused by every NR-row weight panel (NR x kKC, copied to L1), partial sums in a per-thread
-// buffer. While the token tiles run over one weight panel, the next one is prefetched into L2.
+// above (bfloat16 only: float32 takes the column form from kColMinMF32 = kStreamM tokens), K
+// blocks of kKC so that the A block (kMC x kKC floats, L2) is reused by every NR-row weight
+// panel (NR x kKC, read in place), partial sums in a per-thread buffer. While the token tiles run over one weight panel, the next one is prefetched into L2.
 // Each 16-lane FMA of this form reads two full vectors, so with the token rows coming from L2 it
 // reached only ~110 GFLOP/s per core (~190 on L1-resident data).
 //
@@ -26,12 +26,18 @@
 // torch-layout rows (bfloat16 rows are first widened exactly, 6 rows x 128 k at a time, into an
 // L1 buffer), 6 rows x 64 tokens of accumulators; each output is a plain float32 sum over k in
 // increasing order (one FMA per k), then the bias. Measured 1.25-1.5x the dot form from 48
-// tokens on. A token's result can differ in the last bits between an expert
-// that received fewer than outer_min_m tokens and one that received more (both deterministic).
+// tokens on. A token's result can differ in the last bits between an expert that received
+// fewer than outer_min_m (float32: kColMinMF32) tokens and one that received more (both
+// deterministic).
 // The last 1-7 tokens past a multiple of 16 take the dot form (a vector of 16 token lanes would
 // hold mostly zeros), so which form a token gets also depends on its place in the block. The
 // tokens' packed forms are prepared once per call, or once per thread for all the calls that
 // pass the same key (gemm_nt_keyed, PreparedTokens).
+//
+// Column form (float32 weights, kColMinMF32 <= M < outer_min_m): see gemm_cols. Vectors over
+// weight rows, tokens broadcast, each panel of 64 weight rows x 128 k transposed once into L1;
+// every output is the same float32 sum over k in increasing order as in the outer form, so a
+// float32 token's result does not change when its expert gets 8-31 tokens rather than more.
 //
 // bfloat16 weights: one 64-byte load holds 32 weights; a shift and a mask turn it into the
 // float32 weights of the even and the odd k, with no shuffle. The tokens of each K block are
@@ -43,7 +49,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <new>
 
 #include "seif_kernels.h"
@@ -56,18 +61,17 @@ namespace {
 constexpr int64_t kMC = 64;      // tokens per block
 constexpr int64_t kNC = 64;      // weight rows per block
 constexpr int64_t kKC = 512;     // K per block (a multiple of 32)
-constexpr int64_t kKCBig = 1024; // K per block from kBigM tokens on (fewer partial-sum passes)
-constexpr int64_t kBigM = 48;
 constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not blocked
 // From this many tokens on: the outer-product form below. Measured on M x 1408 x 2048, one core:
 // bfloat16 weights 1.1x the dot form at 40, 1.15-1.25x at 64, 1.25-1.35x at 256 (below 40 the
 // dot form wins when the weights come from memory: its rows need no widening). float32
-// weights: 1.3x at 48, 1.4x at 256, and already 1.1-1.25x at 24-33 tokens (weights from memory
-// or cache; at 16 tokens about even), though only 0.9x at exactly 33 (3 vectors, one holding a
-// single token); in the MoE layer, 20 rather than 40 made deepseek fp32 T=256 (~24 tokens per
-// expert) 4-9% faster over 4 alternating runs, with mixtral T=64 (16 per expert) unchanged.
+// weights: 1.3x at 48, 1.4x at 256; below 32 the column form (from kColMinMF32 tokens) beats
+// it: M x 11264 x 2048, weights from memory, one core: 1.1x the dot form at 8, 1.15-1.24x at
+// 12-20, 1.15x the outer form at 24, about even at 28; at 32 the outer form is 1.03x (1.13x
+// on weights from cache).
 constexpr int64_t kOuterMinMBf16 = 40;
-constexpr int64_t kOuterMinMF32 = 20;
+constexpr int64_t kOuterMinMF32 = 32;
+constexpr int64_t kColMinMF32 = 8;  // float32: the column form for kColMinMF32 <= M < 32
 inline int64_t outer_min_m(bool bf16) { return bf16 ? kOuterMinMBf16 : kOuterMinMF32; }
 constexpr int64_t kOuterTailMax = 7;  // see gemm(): tokens past a multiple of 16 for the dot form
 
@@ -483,6 +487,187 @@ void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const f
   }
 }
 
+// ----------------------------------------------------------------------------- column form
+// Vectors over weight rows (output columns), tokens broadcast: a panel of kCN weight rows x kCKC
+// k is transposed (bfloat16: widened exactly) into an L1 buffer Wt[k][kCN] once, then every
+// tile of up to kCMR tokens multiplies it: per k, kCN / 16 panel vectors and one broadcast per
+// token feed kCMR x kCN / 16 FMAs. No lane holds a missing token whatever M is (the tiles are
+// sized to M), the tokens are read in place (no packing) and the transposition costs one
+// shuffle per 4 weights. Each output is one float32 sum over k in increasing order (one FMA
+// per k, carried across K blocks in C itself), then the bias: the outer form's numbers exactly.
+constexpr int64_t kCN = 64;    // weight rows per panel (4 vectors)
+constexpr int64_t kCKC = 128;  // K per panel: kCKC x kCN floats = 32 KiB (L1)
+constexpr int kCMR = 6;        // most tokens per register tile (6 x 4 accumulators)
+
+// Weight rows [0, nr) x k [0, kc) (row stride ldb elements) as float32 into Wt[k * kCN + r];
+// the rows of a partial last vector (nr..) are zero. nr <= kCN, kc <= kCKC.
+void transpose_panel(bool bf16, const void* B, int64_t ldb, int nr, int64_t kc, float* Wt) {
+  for (int r0 = 0; r0 < nr; r0 += 16) {
+    const int rows = std::min(16, nr - r0);
+    if (!bf16) {
+      const float* b = static_cast<const float*>(B) + r0 * ldb;
+      for (int64_t k = 0; k < kc; k += 16) {
+        const int64_t kn = std::min<int64_t>(16, kc - k);
+        const __mmask16 km = static_cast<__mmask16>((1u << kn) - 1u);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = i < rows ? _mm512_maskz_loadu_ps(km, b + i * ldb + k) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t kk = 0; kk < kn; ++kk) _mm512_store_ps(Wt + (k + kk) * kCN + r0, r[kk]);
+      }
+      continue;
+    }
+    // bfloat16: one 64-byte load holds 32 k of a row; a shift gives the even k, a mask the odd
+    // ones (exact), and each half is transposed on its own.
+    const uint16_t* b = static_cast<const uint16_t*>(B) + r0 * ldb;
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t k = 0; k < kc; k += 32) {
+      const int64_t kn = std::min<int64_t>(32, kc - k);
+      const __mmask32 km = kn == 32 ? ~0u : static_cast<__mmask32>((1u << kn) - 1u);
+      __m512 ev[16], od[16];
+      for (int i = 0; i < 16; ++i) {
+        const __m512i x = i < rows ? _mm512_maskz_loadu_epi16(km, b + i * ldb + k)
+                                   : _mm512_setzero_si512();
+        ev[i] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        od[i] = _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask));
+      }
+      transpose16(ev);
+      transpose16(od);
+      for (int64_t j = 0; 2 * j < kn; ++j) {
+        _mm512_store_ps(Wt + (k + 2 * j) * kCN + r0, ev[j]);
+        if (2 * j + 1 < kn) _mm512_store_ps(Wt + (k + 2 * j + 1) * kCN + r0, od[j]);
+      }
+    }
+  }
+}
+
+struct ColArgs {
+  const float* A;      // the tile's first token row at the block's first k
+  int64_t lda;
+  const float* Wt;     // the transposed panel
+  int64_t kc;
+  float* C;            // the tile's first output (partial sums between K blocks)
+  int64_t ldc;
+  int ncols;           // valid columns of the panel (the last vector may be partial)
+  bool first, last;    // first / last K block
+  const float* bias;   // float32 bias of the panel's columns, or null
+  const char* pf;      // weight rows of the next block to prefetch (into L2), or null
+  int64_t pf_ld;       // their stride in bytes
+  int64_t pf_bytes;    // bytes of each row in the next block
+  int pf_rows;
+};
+
+template <int MR, int NV>
+void col_tile(const ColArgs& t) {
+  __mmask16 mask[NV];
+  _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {
+    const int n = std::min(16, t.ncols - 16 * v);
+    mask[v] = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
+  }
+  __m512 acc[MR][NV];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
+      acc[i][v] = t.first ? _mm512_setzero_ps()
+                          : _mm512_maskz_loadu_ps(mask[v], t.C + i * t.ldc + 16 * v);
+  const float* A = t.A;
+  const float* W = t.Wt;
+  for (int64_t k0 = 0; k0 < t.kc; k0 += 16) {
+    if (k0 * 4 < t.pf_bytes)  // one line of each of this tile's share of the next block's rows
+      for (int r = 0; r < t.pf_rows; ++r) _mm_prefetch(t.pf + r * t.pf_ld + k0 * 4, _MM_HINT_T1);
+    const int64_t k1 = std::min<int64_t>(k0 + 16, t.kc);
+    for (int64_t k = k0; k < k1; ++k) {
+      __m512 w[NV];
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) w[v] = _mm512_load_ps(W + k * kCN + 16 * v);
+      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+        const __m512 a = _mm512_set1_ps(A[i * t.lda + k]);
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
+          acc[i][v] = _mm512_fmadd_ps(a, w[v], acc[i][v]);
+      }
+    }
+  }
+  if (t.last && t.bias)
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
+        acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mask[v], t.bias + 16 * v));
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(t.C + i * t.ldc + 16 * v, mask[v], acc[i][v]);
+}
+
+using ColFn = void (*)(const ColArgs&);
+template <int MR>
+ColFn col_for(int nv) {
+  switch (nv) {
+    case 4: return col_tile<MR, 4>;
+    case 3: return col_tile<MR, 3>;
+    case 2: return col_tile<MR, 2>;
+    default: return col_tile<MR, 1>;
+  }
+}
+ColFn col_fn(int mr, int nv) {
+  switch (mr) {
+    case 6: return col_for<6>(nv);
+    case 5: return col_for<5>(nv);
+    case 4: return col_for<4>(nv);
+    case 3: return col_for<3>(nv);
+    case 2: return col_for<2>(nv);
+    default: return col_for<1>(nv);
+  }
+}
+
+// C[m, n] for n in [n0, n1): panels of kCN weight rows, their K blocks in order (each row is
+// read front to back), every token tile per block. While the tiles run over one block, the next
+// block's rows are prefetched, shared out among the tiles. Tiles are sized evenly (16 tokens:
+// 5, 5, 6), so none runs with a handful of accumulators.
+void gemm_cols(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A,
+               int64_t lda, const void* B, int64_t ldb, const float* bias, float* C,
+               int64_t ldc, float* Wt) {
+  const int64_t esz = bf16 ? 2 : 4, ntile = (M + kCMR - 1) / kCMR;
+  const char* Bc = static_cast<const char*>(B);
+  for (int64_t p0 = n0; p0 < n1; p0 += kCN) {
+    const int nr = static_cast<int>(std::min(kCN, n1 - p0));
+    const int nv = (nr + 15) / 16;
+    for (int64_t k0 = 0; k0 < K; k0 += kCKC) {
+      const int64_t kc = std::min(kCKC, K - k0);
+      transpose_panel(bf16, Bc + (p0 * ldb + k0) * esz, ldb, nr, kc, Wt);
+      const char* pf = nullptr;
+      int pf_n = 0;
+      int64_t pf_bytes = 0;
+      if (k0 + kc < K) {
+        pf = Bc + (p0 * ldb + k0 + kc) * esz;
+        pf_n = nr;
+        pf_bytes = std::min(kCKC, K - k0 - kc) * esz;
+      } else if (p0 + kCN < n1) {
+        pf = Bc + (p0 + kCN) * ldb * esz;
+        pf_n = static_cast<int>(std::min(kCN, n1 - p0 - kCN));
+        pf_bytes = std::min(kCKC, K) * esz;
+      }
+      for (int64_t ti = 0, m0 = 0; ti < ntile; ++ti) {
+        const int64_t m1 = (ti + 1) * M / ntile;
+        const int r0 = static_cast<int>(ti * pf_n / ntile);
+        const int r1 = static_cast<int>((ti + 1) * pf_n / ntile);
+        ColArgs t;
+        t.A = A + m0 * lda + k0;
+        t.lda = lda;
+        t.Wt = Wt;
+        t.kc = kc;
+        t.C = C + m0 * ldc + (p0 - n0);
+        t.ldc = ldc;
+        t.ncols = nr;
+        t.first = k0 == 0;
+        t.last = k0 + kc == K;
+        t.bias = bias ? bias + (p0 - n0) : nullptr;
+        t.pf = pf ? pf + r0 * ldb * esz : nullptr;
+        t.pf_ld = ldb * esz;
+        t.pf_bytes = pf_bytes;
+        t.pf_rows = r1 - r0;
+        col_fn(static_cast<int>(m1 - m0), nv)(t);
+        m0 = m1;
+      }
+    }
+  }
+}
+
 // The tokens A [M, K] as a kernel form wants them (packed k-major blocks for the outer form, the
 // even/odd order for the bfloat16 dot form), kept per thread: a caller that multiplies the same
 // tokens by several weight blocks names them with a key (gemm_nt_keyed) and they are prepared
@@ -529,6 +714,16 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       }
     return;
   }
+  if (!bf16 && M >= kColMinMF32 && M < kOuterMinMF32) {
+    const float* fb = nullptr;
+    if (bias) {
+      float* f = Fbuf.get(n1 - n0);
+      to_float(static_cast<const char*>(bias) + n0 * esz, bt, static_cast<size_t>(n1 - n0), f);
+      fb = f;
+    }
+    gemm_cols(bf16, M, n0, n1, K, A, lda, B, ldb, fb, C + n0, ldc, Wbuf.get(kCKC * kCN));
+    return;
+  }
   if (M >= outer_min_m(bf16)) {
     // The last 1-kOuterTailMax tokens past a multiple of 16 would fill one vector of every
     // outer tile mostly with zeros (65 tokens: 5 vectors for 65): the dot form takes them, reading
@@ -562,9 +757,8 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
                       [&](float* p) { pack_even_odd(A, lda, M, 0, K, p, ldf); });
   for (int64_t m0 = 0; m0 < M; m0 += kMC) {
     const int64_t mb = std::min(kMC, M - m0);
-    const int64_t kcm = mb >= kBigM ? kKCBig : kKC;
-    const bool blocked = mb > kStreamM && K > kcm;
-    const int64_t kcb = blocked ? kcm : K;
+    const bool blocked = mb > kStreamM && K > kKC;
+    const int64_t kcb = blocked ? kKC : K;
     float* S = blocked ? Sbuf.get(kMC * kNC * 16) : nullptr;
     for (int64_t nc0 = n0; nc0 < n1; nc0 += kNC) {
       const int64_t nb = std::min(kNC, n1 - nc0);
@@ -594,19 +788,9 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
               pf_n = tile_width(nb, NR);
             }
           }
-          // Blocked, float32: the weight panel is copied to a buffer with rows one line more
-          // than a multiple of 64 bytes apart (the weight rows are usually 2^n bytes apart).
-          // bfloat16 panels are read in place: the copy measured 5-12% slower there (one
-          // core, 12-32 tokens; MoE layer: mixtral T=64 and deepseek T=256 4-12% faster).
+          // Weight panels are read in place (bfloat16, the only blocked case: copying them to
+          // a buffer with rows not 2^n bytes apart measured 5-12% slower at 12-32 tokens).
           const char* Bp = static_cast<const char*>(B) + ((nc0 + j0) * ldb + k0) * esz;
-          int64_t ldbp = ldb;
-          if (blocked && !bf16) {
-            ldbp = ((kc * esz + 63) / 64 * 64 + 64) / esz;
-            char* W = reinterpret_cast<char*>(Wbuf.get(NR * ldbp * esz / 4 + 16));
-            for (int r = 0; r < nr; ++r)
-              std::memcpy(W + r * ldbp * esz, Bp + r * ldb * esz, static_cast<size_t>(kc * esz));
-            Bp = W;
-          }
           for (int64_t i0 = 0, it = 0; i0 < mb; i0 += MR, ++it) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, mb - i0));
             const int r0 = static_cast<int>(it * pf_n / n_mt);
@@ -614,7 +798,7 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
             TileArgs t{Ab + i0 * ldab,
                        ldab,
                        Bp,
-                       ldbp,
+                       ldb,
                        kc,
                        S ? S + (i0 * kNC + j0) * 16 : nullptr,
                        k0 == 0,
