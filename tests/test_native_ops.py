@@ -416,8 +416,8 @@ def test_moe_gemm_blocks_and_tails(wdtype, T):
     # transposed, partial sums carried in the output; bfloat16: the dot-product form, K blocks
     # of 512 with 16-lane partial sums carried, up to 40 tokens); ~150 (outer-product form:
     # token blocks of 64 = 64 + 64 + 22, K blocks of 128 with partial sums carried, 6-row
-    # weight tiles); ~550 (the FFN's token blocks
-    # of 256, each with its own prepared-tokens key, the last of ~38 tokens). H and I leave
+    # weight tiles); ~550 (the FFN's token blocks of 256, each with its own prepared-tokens
+    # key, the last of ~38 tokens). H and I leave
     # tails of every K step and block (1100 = 2*512 + 76 = 8*128 + 76, 531 = 512 + 19 =
     # 4*128 + 19) and of the 6-row tiles (531 = 88*6 + 3, 1100 = 183*6 + 2).
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=1100, I=531, bias=True)
