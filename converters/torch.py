@@ -18,7 +18,11 @@ each expert's rows are contiguous; outputs are weighted and accumulated into the
 (`make native`) and no gradient is needed, the routed experts' FFN runs in its C++ kernels
 through a small C ABI ("native": `seif.runtime.native`; float32 rows and sums on fp32 / bf16 /
 fp16 weights, the same bits for any thread count), because torch's CPU matmuls run the few rows
-per expert far below memory bandwidth (bf16 at half the fp32 rate without AMX). Otherwise the
+per expert far below memory bandwidth (bf16 at half the fp32 rate without AMX). Where the layer
+is one `ai.seif.SeifMoE` operator and the router logits are not asked for, the whole layer
+(router, routing, experts, shared experts) is one call to the kernel ONNX Runtime runs for that
+operator, the same bits (`_whole_layer_inputs`): a decode step's ~20 small torch routing ops
+cost about as much as a quarter of its experts on 2 cores. Otherwise the
 projections run either as one `torch._grouped_mm` over all experts ("grouped_mm": where this
 torch supports it for the device and dtype, probed once; CPU float32 / bf16 / fp16 in torch
 2.13 need 16-byte aligned row strides) or expert by expert over the active experts only
@@ -192,7 +196,11 @@ class SparseMoE(nn.Module):
     kernels wherever `_native_refusal` allows (CPU, library built, no gradient needed, experts
     in their stored float32 / bf16 / fp16, contiguous; `SEIF_TORCH_NATIVE=0` turns auto off);
     True forces it (a `NativeError` says why when it cannot run); False never uses it.
-    Routing, shared experts and the output bias stay in torch either way.
+    Where it runs and the layer fits one SeifMoE operator (`_whole_layer_inputs`: no output
+    bias, one activation, no router logits asked for, one routing group), the router, the
+    routing and the shared experts run in the library too, in one call whose output is the
+    ai.seif.SeifMoE kernel's bit for bit; else routing, shared experts and the output bias
+    stay in torch.
     `grouped_mm` (when native does not run): None chooses per call (`_dispatch`: on CPU the
     per-expert loop for float32 experts with 4+ rows on average, bf16 with 32+, else grouped),
     True forces `torch._grouped_mm` where supported (see `grouped_mm_supported`), False forces
@@ -321,6 +329,9 @@ class SparseMoE(nn.Module):
             raise RoutingError(f"hidden states are {list(hidden_states.shape)}; expected "
                                f"[T, {H}] or [B, S, {H}]")
         shape, in_dtype = hidden_states.shape, hidden_states.dtype
+        tensors = self._whole_layer_inputs(hidden_states)
+        if tensors is not None:
+            return self._forward_native(hidden_states.reshape(-1, H), tensors).reshape(shape)
         x = hidden_states.reshape(-1, H).float()
         logits = F.linear(x, self.router_weight.float(),
                           None if self.router_bias is None else self.router_bias.float())
@@ -491,15 +502,8 @@ class SparseMoE(nn.Module):
         rows in other dtypes: bf16 F.linear runs oneDNN already, yet `_grouped_mm`'s bf16 path
         measured 1.2x slower than it at 96 rows per expert (deepseek T=1024) while 5-8% faster
         at 6 (T=64). Other devices (CUDA) have a real grouped kernel and always use it."""
-        auto = self.native is None and self.grouped_mm is None \
-            and os.environ.get("SEIF_TORCH_NATIVE", "") != "0"
-        if self.native or auto:
-            why_not = self._native_refusal(cdt, x)
-            if why_not is None:
-                return "native"
-            if self.native:
-                raise _native().NativeError(
-                    f"native=True, but the native expert kernels cannot run here: {why_not}")
+        if self._native_wanted(cdt, x):
+            return "native"
         device = x.device
         if self.grouped_mm is False:
             return "per_expert"
@@ -557,6 +561,104 @@ class SparseMoE(nn.Module):
         self._experts_loop(out, x, tokens, ws, on_input, counts, ffn, cdt)
         return out
 
+    def _native_wanted(self, cdt: torch.dtype, x: torch.Tensor) -> bool:
+        """Whether this call takes the native dispatch: with `native` True (NativeError, with
+        the reason, where it cannot run), or auto (`native` and `grouped_mm` None, and
+        SEIF_TORCH_NATIVE not "0") wherever `_native_refusal` finds nothing against it."""
+        auto = self.native is None and self.grouped_mm is None \
+            and os.environ.get("SEIF_TORCH_NATIVE", "") != "0"
+        if not (self.native or auto):
+            return False
+        why_not = self._native_refusal(cdt, x)
+        if why_not is None:
+            return True
+        if self.native:
+            raise _native().NativeError(
+                f"native=True, but the native expert kernels cannot run here: {why_not}")
+        return False
+
+    def _whole_layer_inputs(self, h: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
+        """The SeifMoE operator's tensors (by input name, hidden_states aside) where forward
+        runs the whole layer in one native call (`_forward_native`), else None. It does where
+        the native dispatch is on (`native` True, or auto as in `_native_wanted`) and: the
+        layer is one SeifMoE operator (no output bias, the shared experts' activation the
+        routed ones'), every tensor is a contiguous CPU float32 / bfloat16 / float16 one that
+        needs no gradient, the experts' weights share one dtype and the router's one, the
+        router logits are not asked for, and the tokens form one routing group (a batch of
+        sequences with capacity, expert choice or soft MoE is routed sequence by sequence: not
+        here). Otherwise forward takes the other dispatches (`native` True still runs the
+        experts natively there, or says why not). Kept lean: it runs on every call, and at a
+        decode step each Python-level check costs microseconds."""
+        if self.native is None:
+            if self.grouped_mm is not None or os.environ.get("SEIF_TORCH_NATIVE", "") == "0":
+                return None
+        elif not self.native:
+            return None
+        spec, r = self.spec, self.spec.routing
+        if self.return_router_logits or self.output_bias is not None \
+                or h.dtype not in NATIVE_DTYPES or h.device.type != "cpu" or h.numel() == 0 \
+                or spec.experts.activation not in NATIVE_ACTIVATIONS:
+            return None
+        coupled = r.capacity is not None or r.kind in ("expert_choice", "soft_moe")
+        if h.dim() == 3 and coupled and h.shape[0] > 1:
+            return None
+        if spec.shared_experts is not None \
+                and not _one_activation(spec.shared_experts.ffn, spec.experts):
+            return None
+        tensors = self._operator_inputs()
+        wt, rt = tensors["up_proj"].dtype, tensors["router_weight"].dtype
+        if self.compute_dtype not in (None, wt) or torch.compiler.is_compiling():
+            return None
+        grad = torch.is_grad_enabled()
+        if grad and h.requires_grad:
+            return None
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            if t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES \
+                    or not t.is_contiguous() or (grad and t.requires_grad):
+                return None
+            own = rt if name == "router_bias" else _OWN_DTYPE.get(name, wt)
+            if own is not None and t.dtype != own:
+                return None
+        return tensors if _native().available() else None
+
+    def _operator_inputs(self) -> dict[str, torch.Tensor | None]:
+        """This layer's tensors by SeifMoE input name (seif.runtime.native.MOE_INPUTS, without
+        hidden_states), read from the parameter and buffer tables directly (nn.Module's
+        attribute fallback costs ~1 us a name)."""
+        params, buffers = self._parameters, self._buffers
+        return {name: params[attr] if attr in params else
+                buffers[attr] if attr in buffers else getattr(self, attr, None)
+                for name, attr in _OPERATOR_ATTRS}
+
+    def _forward_native(self, x: torch.Tensor,
+                        tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """The layer on x [T, H] (its own dtype) in one call to libseif_ort.so's
+        `seif_moe_forward`: the kernel ai.seif.SeifMoE runs in ONNX Runtime, so the output is
+        that operator's, bit for bit (routing by the library's router, on logits from its own
+        GEMM). Why: at decode sizes the routing's and the sort's ~20 small torch ops and the
+        dtype conversions cost about 1 ms on 2 cores (deepseek layer, bf16, T=1: the experts
+        alone 4.1 ms, the module 5.15)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        inputs = {name: _view(t) for name, t in tensors.items() if t is not None}
+        inputs["hidden_states"] = _view(x)
+        _native().moe_forward(self._native_attributes(), inputs, _view(out),
+                              threads=torch.get_num_threads())
+        self.last_dispatch = "native"
+        return out
+
+    def _native_attributes(self) -> dict:
+        """The SeifMoE attributes of this layer (seif.converters.onnx.layer_attributes), kept
+        while `spec` is the same object."""
+        cached = getattr(self, "_native_attrs", None)
+        if cached is None or cached[0] is not self.spec:
+            from seif.converters.onnx import layer_attributes
+            cached = (self.spec, layer_attributes(self.spec))
+            self._native_attrs = cached
+        return cached[1]
+
     def _native_refusal(self, cdt: torch.dtype, x: torch.Tensor) -> str | None:
         """Why the native dispatch cannot run this call (None: it can). It needs the library
         (with its C API), CPU tensors that need no gradient (it has no backward), eager mode (no
@@ -597,24 +699,16 @@ class SparseMoE(nn.Module):
         thread count, the same bits for any. No torch op runs between the gather and the
         combine: each would leave torch's OpenMP workers spinning on the cores the library's
         threads need (measured: deepseek fp32 T=1024 452 -> ~400 ms)."""
-        native = _native()
-
-        def view(t: torch.Tensor | None):
-            if t is None:
-                return None
-            return native.View(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."),
-                               t.is_contiguous())
-
         # Locals: each tensor must outlive the call (a View holds only its address).
         x = x.contiguous()
         tokens = tokens.to(torch.int64).contiguous()
         ws = None if ws is None else ws.reshape(-1).float().contiguous()
         counts = counts.to(torch.int64).contiguous()
-        native.moe_experts(
-            view(x), view(tokens), view(ws), view(counts), view(self.up_proj),
-            view(self.down_proj), view(out), weight_on_input=on_input, gate=view(self.gate_proj),
-            gate_bias=view(self.gate_proj_bias), up_bias=view(self.up_proj_bias),
-            down_bias=view(self.down_proj_bias), activation=ffn.activation, alpha=ffn.alpha,
+        _native().moe_experts(
+            _view(x), _view(tokens), _view(ws), _view(counts), _view(self.up_proj),
+            _view(self.down_proj), _view(out), weight_on_input=on_input, gate=_view(self.gate_proj),
+            gate_bias=_view(self.gate_proj_bias), up_bias=_view(self.up_proj_bias),
+            down_bias=_view(self.down_proj_bias), activation=ffn.activation, alpha=ffn.alpha,
             limit=ffn.limit, threads=torch.get_num_threads())
 
     def _weights(self, name: str, cdt):
@@ -679,6 +773,33 @@ def _native():
     """seif.runtime.native, imported on first use (loading the library is lazy there too)."""
     from seif.runtime import native
     return native
+
+
+# SeifMoE input name -> SparseMoE attribute, hidden_states aside (seif.runtime.native.MOE_INPUTS).
+_OPERATOR_ATTRS = (("router_weight", "router_weight"), ("router_bias", "router_bias"),
+                   ("selection_bias", "selection_bias"),
+                   *((f"{pre}{p}_{kind}", f"{pre}{p}_proj{suffix}")
+                     for pre in ("", "shared_") for p in ("gate", "up", "down")
+                     for kind, suffix in (("proj", ""), ("bias", "_bias"))),
+                   ("shared_expert_gate", "shared_expert_gate"))
+# Inputs whose dtype may differ from the experts' (None: any); router_bias: router_weight's.
+_OWN_DTYPE = {"router_weight": None, "selection_bias": None, "shared_expert_gate": None}
+
+
+def _one_activation(a: FFNSpec, b: FFNSpec) -> bool:
+    """Whether two FFNs share one activation (SeifMoE has one attribute for the routed and the
+    shared experts; swiglu_oai's alpha and limit included)."""
+    return a.activation == b.activation and (
+        a.activation != "swiglu_oai" or (a.alpha, a.limit) == (b.alpha, b.limit))
+
+
+def _view(t: torch.Tensor | None):
+    """The native.View of a CPU tensor (None stays None). The tensor must outlive the call:
+    a View holds only its address."""
+    if t is None:
+        return None
+    return _native().View(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                          t.is_contiguous())
 
 
 def native_supported() -> bool:

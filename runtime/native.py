@@ -4,7 +4,10 @@ The custom-op library that ONNX Runtime loads also exports `seif_experts_forward
 (runtime/csrc/c_api.cpp): the routed experts' FFN on rows sorted by expert, with the library's
 AVX-512 / AVX2 GEMMs, SwiGLU in float64 rounded once, and results that do not depend on the
 thread count. `seif.converters.torch.SparseMoE` uses it on CPU (its "native" dispatch) because
-torch's small-row CPU matmuls run far below memory bandwidth, bf16 especially.
+torch's small-row CPU matmuls run far below memory bandwidth, bf16 especially. Two more entry
+points: `seif_moe_experts` (the experts on assignments routed and sorted by the caller,
+gathered and combined in C) and `seif_moe_forward` (the whole SeifMoE operator, routing and
+shared experts included, as ONNX Runtime runs it).
 
 Standard library + ctypes only; the library is loaded once, on first use. Loading it here and
 registering it with ONNX Runtime in the same process is fine (the dynamic loader maps it once).
@@ -14,15 +17,17 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from seif.errors import SeifError
 
 from .library import library_path
 
-__all__ = ["ABI_VERSION", "NativeError", "View", "available", "experts_forward", "moe_experts"]
+__all__ = ["ABI_VERSION", "NativeError", "View", "available", "experts_forward", "moe_experts",
+           "moe_forward"]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # seif::DType codes (runtime/csrc/seif_kernels.h).
 WEIGHT_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -61,6 +66,7 @@ def _bind(lib: ctypes.CDLL) -> bool:
         version = lib.seif_c_api_version
         forward = lib.seif_experts_forward
         combined = lib.seif_moe_experts
+        whole = lib.seif_moe_forward
         last_error = lib.seif_last_error
     except AttributeError:
         return False
@@ -76,6 +82,8 @@ def _bind(lib: ctypes.CDLL) -> bool:
     combined.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, i64, p, i64, p, p, p, p, p, p,
                          ctypes.c_int, ctypes.c_char_p, ctypes.c_double, ctypes.c_double, p,
                          ctypes.c_int]
+    whole.restype = ctypes.c_int
+    whole.argtypes = [ctypes.c_char_p, ctypes.c_int, p, p, p, p, p, ctypes.c_int]
     return True
 
 
@@ -164,6 +172,61 @@ def moe_experts(x: View, tokens: View, weights: View | None, counts: View, up: V
         raise NativeError(lib.seif_last_error().decode(errors="replace"))
 
 
+# The SeifMoE operator's inputs, in its order (spec/ops.md; seif::MoEInput in seif_kernels.h).
+MOE_INPUTS = ("hidden_states", "router_weight", "router_bias", "selection_bias", "gate_proj",
+              "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias", "shared_gate_proj",
+              "shared_up_proj", "shared_down_proj", "shared_gate_bias", "shared_up_bias",
+              "shared_down_bias", "shared_expert_gate")
+
+
+def moe_forward(attributes: Mapping[str, object], inputs: Mapping[str, View | None], out: View,
+                *, threads: int = 1) -> None:
+    """The whole ai.seif SeifMoE operator in-process: the kernel ONNX Runtime runs for it, on
+    the same inputs (same bits), routing and shared experts included. `attributes`: the node's
+    attributes (`seif.converters.onnx.layer_attributes`); `inputs`: by MOE_INPUTS name, absent
+    ones None or left out; `out`: [N, H] contiguous, of hidden_states' dtype. The C side checks
+    the shapes against the attributes as the operator does; anything refused raises
+    NativeError."""
+    lib = _loaded()
+    unknown = set(inputs) - set(MOE_INPUTS)
+    if unknown:
+        raise NativeError(f"unknown SeifMoE inputs {sorted(unknown)}")
+    n = len(MOE_INPUTS)
+    data = (ctypes.c_void_p * n)()
+    dtypes, ranks = (ctypes.c_int * n)(), (ctypes.c_int * n)()
+    shapes = (ctypes.c_int64 * (3 * n))()
+    for i, name in enumerate(MOE_INPUTS):
+        v = inputs.get(name)
+        if v is None:
+            continue
+        if v.dtype not in WEIGHT_DTYPES or not v.contiguous or not 1 <= len(v.shape) <= 3:
+            raise NativeError(f"{name} must be a contiguous float32, float16 or bfloat16 array "
+                              f"of 1-3 dimensions; got {v.dtype} {list(v.shape)}")
+        if v.address == 0:
+            raise NativeError(f"{name} has no data (an empty array)")
+        data[i], dtypes[i], ranks[i] = v.address, WEIGHT_DTYPES[v.dtype], len(v.shape)
+        shapes[3 * i:3 * i + len(v.shape)] = v.shape
+    x = inputs.get("hidden_states")
+    if x is None or len(x.shape) != 2:
+        raise NativeError("hidden_states [N, H] is required")
+    _check("out", out, x.shape, (x.dtype,))
+    if lib.seif_moe_forward(_attribute_text(attributes), n, data, dtypes, shapes, ranks,
+                            out.address, max(1, int(threads))) != 0:
+        raise NativeError(lib.seif_last_error().decode(errors="replace"))
+
+
+def _attribute_text(attributes: Mapping[str, object]) -> bytes:
+    """"name=value;..." for the C side; floats in repr (read back as float32 there, as ONNX
+    stores float attributes)."""
+    items = []
+    for name, value in attributes.items():
+        text = repr(value) if isinstance(value, float) else str(value)
+        if any(c in text or c in name for c in ";="):
+            raise NativeError(f"attribute {name}={text!r} contains ';' or '='")
+        items.append(f"{name}={text}")
+    return ";".join(items).encode()
+
+
 def _loaded() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
@@ -172,9 +235,11 @@ def _loaded() -> ctypes.CDLL:
     return lib
 
 
-def _weights(counts: View, up: View, down: View, gate: View | None, gate_bias: View | None,
-             up_bias: View | None, down_bias: View | None, H: int) -> tuple[int, list]:
-    """E and the checked addresses [counts, gate, up, down, gate_bias, up_bias, down_bias]."""
+def _weights(counts: View | None, up: View, down: View, gate: View | None,
+             gate_bias: View | None, up_bias: View | None, down_bias: View | None,
+             H: int) -> tuple[int, list]:
+    """E and the checked addresses [counts, gate, up, down, gate_bias, up_bias, down_bias]
+    (counts None: not checked, None in the list)."""
     if len(up.shape) != 3:
         raise NativeError(f"up must be [E, I, H]; got {list(up.shape)}")
     E, I = up.shape[0], up.shape[1]
@@ -182,7 +247,7 @@ def _weights(counts: View, up: View, down: View, gate: View | None, gate_bias: V
     if wt not in WEIGHT_DTYPES:
         raise NativeError(f"expert weights are {wt}; expected float32, bfloat16 or float16")
     return E, [
-        _check("counts", counts, (E,), ("int64",)),
+        None if counts is None else _check("counts", counts, (E,), ("int64",)),
         _check("gate", gate, (E, I, H), (wt,), optional=True),
         _check("up", up, (E, I, H), (wt,)),
         _check("down", down, (E, H, I), (wt,)),

@@ -90,19 +90,26 @@ def tokens(T: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((T, H)).astype(np.float32)
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "experts"])
 @pytest.mark.parametrize("T", [3, 37, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_native_matches_reference(case, dtype, T):
-    """T = 3: most of the 16 experts get no rows; T = 300: tens of rows per expert. Shared
-    experts stay on the torch path, which rounds their rows to bf16 in bf16 layers: those cases
-    are held to bf16 accuracy, all others to float32's."""
+def test_native_matches_reference(case, dtype, T, whole):
+    """T = 3: most of the 16 experts get no rows; T = 300: tens of rows per expert. "whole":
+    the layer in one native call (seif_moe_forward, shared experts included); "experts":
+    asking for the router logits keeps routing and shared experts in torch, the routed
+    experts native (seif_moe_experts). Shared experts on the torch path round their rows to
+    bf16 in bf16 layers: those cases are held to bf16 accuracy, all others to float32's."""
     spec = CASES[case]
     params = bf16_exact(random_layer_params(spec, np.random.default_rng(0)))
-    module = st.SparseMoE.from_params(spec, params, dtype, native=True)
+    module = st.SparseMoE.from_params(spec, params, dtype, native=True,
+                                      return_router_logits=not whole)
     assert module.up_proj.dtype == dtype
     x = tokens(T)
-    got = run(module, x)
+    assert (module._whole_layer_inputs(torch.from_numpy(x)) is not None) == whole
+    with torch.no_grad():
+        got = module(torch.from_numpy(x))
+    got = (got if whole else got[0]).float().numpy()
     assert module.last_dispatch == "native"
     # the torch loop on float32 experts (bf16 experts there round rows to bf16: not exact)
     loop = st.SparseMoE.from_params(spec, params, torch.float32, grouped_mm=False)
@@ -110,7 +117,7 @@ def test_native_matches_reference(case, dtype, T):
     assert loop.last_dispatch.startswith("per_expert")
     want = moe_forward(x, spec, params)
     for other in (want, by_loop):
-        if dtype == torch.float32 or spec.shared_experts is None:
+        if whole or dtype == torch.float32 or spec.shared_experts is None:
             np.testing.assert_allclose(got, other, rtol=1e-5,
                                        atol=1e-5 * float(np.abs(want).max()))
         else:
@@ -346,3 +353,121 @@ def test_c_api_gather_and_combine(mode):
     with pytest.raises(native.NativeError, match=r"token index 4 is not in \[0, 4\)"):
         native.moe_experts(v(x), v(bad), v(w), v(a["counts"]), v(a["up"]), v(a["down"]),
                            v(out), gate=v(a["gate"]))
+
+
+# --------------------------------------------------------------------------- the whole layer
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["swiglu-bias", "swiglu_oai-bias", "weight-on-input",
+                                  "group_topk-shared", "capacity-passthrough", "expert_choice",
+                                  "soft_moe"])
+def test_whole_layer_is_the_onnx_operator(case, dtype):
+    """Where forward runs the whole layer in one native call (seif_moe_forward), its output is
+    the ai.seif.SeifMoE kernel's in ONNX Runtime bit for bit, routing and shared experts
+    included: the model comes from the ONNX exporter (seif.converters.onnx.moe_model), its
+    attributes from the node, not from the string the C API parses."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from seif.converters import onnx as sx
+    from seif.runtime import library_path
+    spec = CASES[case]
+    params = bf16_exact(random_layer_params(spec, np.random.default_rng(20)))
+    module = st.SparseMoE.from_params(spec, params, dtype)
+    for name in ("router_weight", "router_bias", "shared_expert_gate"):  # the export's dtype
+        t = getattr(module, name)
+        if t is not None:
+            t.data = t.data.to(dtype)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library_path()))
+    model = sx.moe_model([(spec, params)], target="seif-kernels",
+                         dtype="bf16" if dtype == torch.bfloat16 else None)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for T in (1, 37, 300):
+        x = tokens(T, seed=21)
+        got = run(module, x)
+        assert module.last_dispatch == "native"
+        assert got.tobytes() == sess.run(None, {"hidden_states": x})[0].tobytes()
+
+
+@pytest.mark.parametrize("case", ["swiglu-renorm", "group_topk-shared", "expert_choice"])
+def test_router_logits_keep_the_expert_call(case):
+    """Asking for the router logits keeps the torch routing (the logits it returns are the ones
+    it routed on) with the native experts (seif_moe_experts); both paths match the reference."""
+    spec = CASES[case]
+    params = bf16_exact(random_layer_params(spec, np.random.default_rng(22)))
+    x = tokens(37, seed=23)
+    want = moe_forward(x, spec, params)
+    module = st.SparseMoE.from_params(spec, params, torch.float32, return_router_logits=True)
+    with torch.no_grad():
+        out, logits = module(torch.from_numpy(x))
+    assert module.last_dispatch == "native" and tuple(logits.shape) == (37, spec.num_experts)
+    whole = st.SparseMoE.from_params(spec, params, torch.float32)
+    for got in (out.numpy(), run(whole, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_whole_layer_falls_back_where_the_operator_cannot_run():
+    """An output bias (not part of SeifMoE) or a batch of sequences routed with capacity keep
+    the per-call routing in torch; results still match the reference."""
+    spec = dataclasses.replace(CASES["capacity-passthrough"], output_bias=True)
+    params = random_layer_params(spec, np.random.default_rng(24))
+    module = st.SparseMoE.from_params(spec, params, torch.float32)
+    x = tokens(2 * 19, seed=25)
+    assert module._whole_layer_inputs(torch.from_numpy(x)) is None
+    got = run(module, x)
+    assert module.last_dispatch == "native"      # the experts' call
+    want = moe_forward(x, spec, params)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    plain = dataclasses.replace(spec, output_bias=False)
+    module = st.SparseMoE.from_params(plain, dataclasses.replace(params, output_bias=None))
+    assert module._whole_layer_inputs(torch.from_numpy(x)) is not None
+    assert module._whole_layer_inputs(torch.from_numpy(x).reshape(2, 19, H)) is None
+
+
+def _operator_views(spec, params):
+    module = st.SparseMoE.from_params(spec, params, torch.float32)
+    tensors = module._operator_inputs()
+    return module, tensors, {k: st._view(t) for k, t in tensors.items() if t is not None}
+
+
+@pytest.mark.parametrize("attrs, match", [
+    ({"kind": "topk", "top_kk": 2}, "unknown name 'top_kk'"),
+    ({"kind": "topk", "top_k": "two"}, "top_k=two is not an integer"),
+    ({"kind": "topk", "top_k": 2, "scale": "x1"}, "scale=x1 is not a number"),
+    ({"kind": "best"}, "best"),
+    ({"kind": "topk", "top_k": 0}, "top_k must be >= 1"),
+    ({"kind": "topk", "top_k": 2, "activation": "swish"}, "swish"),
+])
+def test_c_api_moe_forward_refuses_bad_attributes(attrs, match):
+    spec = CASES["swiglu-renorm"]
+    module, tensors, views = _operator_views(spec, random_layer_params(
+        spec, np.random.default_rng(26)))
+    x = torch.from_numpy(tokens(5))
+    out = torch.empty_like(x)
+    views["hidden_states"] = st._view(x)
+    with pytest.raises(native.NativeError, match=match):
+        native.moe_forward(attrs, views, st._view(out))
+    native.moe_forward(module._native_attributes(), views, st._view(out))  # still works
+    np.testing.assert_allclose(out.numpy(), moe_forward(x.numpy(), spec, random_layer_params(
+        spec, np.random.default_rng(26))), rtol=1e-5, atol=1e-5)
+
+
+def test_c_api_moe_forward_refuses_bad_inputs():
+    spec = CASES["swiglu-renorm"]
+    module, tensors, views = _operator_views(spec, random_layer_params(
+        spec, np.random.default_rng(27)))
+    attrs = module._native_attributes()
+    x = torch.from_numpy(tokens(5))
+    out = torch.empty_like(x)
+    with pytest.raises(native.NativeError, match="hidden_states"):
+        native.moe_forward(attrs, views, st._view(out))
+    views["hidden_states"] = st._view(x)
+    short = dict(views, down_proj=st._view(tensors["down_proj"][:, :-1].contiguous()))
+    with pytest.raises(native.NativeError, match="down_proj is"):
+        native.moe_forward(attrs, short, st._view(out))
+    with pytest.raises(native.NativeError, match="unknown SeifMoE inputs"):
+        native.moe_forward(attrs, dict(views, gate=views["gate_proj"]), st._view(out))
+    with pytest.raises(native.NativeError, match="out is"):
+        native.moe_forward(attrs, views, st._view(out[:-1]))
+    mixed = dict(views, up_proj=st._view(tensors["up_proj"].to(torch.bfloat16)))
+    with pytest.raises(native.NativeError, match="up_proj is bfloat16"):
+        native.moe_forward(attrs, mixed, st._view(out))

@@ -22,6 +22,8 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -207,7 +209,7 @@ seif::DType dtype_of(int code) {
     case 1: return seif::DType::F16;
     case 2: return seif::DType::BF16;
     default:
-      throw seif::Error("seif_experts_forward: weight dtype code " + std::to_string(code) +
+      throw seif::Error("seif: dtype code " + std::to_string(code) +
                         " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
   }
 }
@@ -215,12 +217,83 @@ seif::DType dtype_of(int code) {
 }  // namespace
 
 // Version of this C ABI: callers check it before binding the functions below.
-SEIF_C_API int seif_c_api_version() { return 2; }
+SEIF_C_API int seif_c_api_version() { return 3; }
 
 // The message of the last failed call on this thread ("" after a successful one).
 SEIF_C_API const char* seif_last_error() { return g_last_error.c_str(); }
 
 namespace {
+
+// The experts' attributes of the entry points that take them one by one.
+seif::Attrs ffn_attrs(const char* activation, double alpha, double limit) {
+  if (!activation) throw seif::Error("seif experts: activation is required");
+  seif::Attrs a;
+  a.activation = seif::parse_activation(activation);
+  a.alpha = static_cast<float>(alpha);
+  a.limit = static_cast<float>(limit);
+  return a;
+}
+
+int64_t parse_int(const std::string& name, const std::string& v) {
+  char* end = nullptr;
+  errno = 0;
+  const long long x = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || errno == ERANGE)
+    throw seif::Error("seif attributes: " + name + "=" + v + " is not an integer");
+  return static_cast<int64_t>(x);
+}
+
+float parse_float(const std::string& name, const std::string& v) {
+  char* end = nullptr;
+  const float x = std::strtof(v.c_str(), &end);  // rounded to float32, as ONNX attributes are
+  if (v.empty() || *end != '\0')
+    throw seif::Error("seif attributes: " + name + "=" + v + " is not a number");
+  return x;
+}
+
+// SeifMoE attributes (spec/ops.md) from "name=value;name=value..." (the names and values of
+// seif.converters.onnx.layer_attributes); absent names keep the operator's defaults, unknown
+// ones are refused. Checked as the operator checks its node's attributes.
+seif::Attrs parse_attrs(const char* text) {
+  using seif::Error;
+  if (!text) throw Error("seif attributes are required");
+  seif::Attrs a;
+  const std::string s(text);
+  for (size_t pos = 0; pos <= s.size();) {
+    size_t end = s.find(';', pos);
+    if (end == std::string::npos) end = s.size();
+    const std::string item = s.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) throw Error("seif attributes: '" + item + "' is not name=value");
+    const std::string k = item.substr(0, eq), v = item.substr(eq + 1);
+    if (k == "kind") a.kind = seif::parse_kind(v);
+    else if (k == "top_k") a.top_k = parse_int(k, v);
+    else if (k == "scoring") a.scoring = seif::parse_scoring(v);
+    else if (k == "normalize") a.normalize = seif::parse_normalize(v);
+    else if (k == "norm_p") a.norm_p = parse_float(k, v);
+    else if (k == "epsilon") a.epsilon = parse_float(k, v);
+    else if (k == "epsilon_rule") a.epsilon_rule = seif::parse_epsilon_rule(v);
+    else if (k == "scale") a.scale = parse_float(k, v);
+    else if (k == "n_group") a.n_group = parse_int(k, v);
+    else if (k == "topk_group") a.topk_group = parse_int(k, v);
+    else if (k == "group_score") a.group_score = seif::parse_group_score(v);
+    else if (k == "group_mask") a.group_mask = seif::parse_group_mask(v);
+    else if (k == "jitter_eps") a.jitter_eps = parse_float(k, v);
+    else if (k == "capacity_tokens") a.capacity_tokens = parse_int(k, v);
+    else if (k == "capacity_factor") a.capacity_factor = parse_float(k, v);
+    else if (k == "activation") a.activation = seif::parse_activation(v);
+    else if (k == "alpha") a.alpha = parse_float(k, v);
+    else if (k == "limit") a.limit = parse_float(k, v);
+    else if (k == "weight_on") a.weight_on = seif::parse_weight_on(v);
+    else if (k == "drop_policy") a.drop_policy = seif::parse_drop_policy(v);
+    else if (k == "slots_per_expert") a.slots_per_expert = parse_int(k, v);
+    else throw Error("seif attributes: unknown name '" + k + "'");
+  }
+  seif::check_attrs(a, true);
+  return a;
+}
 
 // The checks and per-expert jobs both entry points share. Throws seif::Error.
 struct Experts {
@@ -230,18 +303,17 @@ struct Experts {
   seif::DType wt;
   seif::Attrs a;
 
-  void check(int dtype, const char* activation, double alpha, double limit) {
+  // Checks the sizes, the weight dtype, the activation's weights and the counts; keeps `attrs`
+  // (its activation, alpha and limit are the experts').
+  void check(int dtype, const seif::Attrs& attrs) {
     using seif::Error;
     if (N < 0 || H < 1 || I < 1 || E < 1)
       throw Error("seif experts: need N >= 0, H >= 1, I >= 1, E >= 1 (got N=" +
                   std::to_string(N) + ", H=" + std::to_string(H) + ", I=" + std::to_string(I) +
                   ", E=" + std::to_string(E) + ")");
-    if (!counts || !up || !down || !activation)
-      throw Error("seif experts: counts, up, down and activation are required");
+    if (!counts || !up || !down) throw Error("seif experts: counts, up and down are required");
     wt = dtype_of(dtype);
-    a.activation = seif::parse_activation(activation);
-    a.alpha = static_cast<float>(alpha);
-    a.limit = static_cast<float>(limit);
+    a = attrs;
     if (a.gated() != (gate != nullptr))
       throw Error(a.gated() ? "seif experts: a gated activation needs gate weights"
                             : "seif experts: an ungated activation takes no gate");
@@ -283,6 +355,56 @@ struct Experts {
   }
 };
 
+// out[t] += w[r] * FFN_e(X[t]) (or FFN_e(w[r] * X[t]) with weight_on_input; w null: 1) for
+// each assignment r < ex.N, token t = tokens[r], sorted by expert as ex.counts says; a token's
+// terms are added in increasing r, as torch's index_add_ over the sorted assignments does. The
+// gather and the combine run on the pool too (no torch op between them). Throws seif::Error.
+void gather_run_combine(const Experts& ex, const float* X, int64_t T, const int64_t* tokens,
+                        const float* weights, bool weight_on_input, float* out,
+                        const seif::ParallelFor& pfor) {
+  const int64_t N = ex.N, H = ex.H;
+  std::vector<int64_t> start(static_cast<size_t>(T) + 1, 0);
+  for (int64_t r = 0; r < N; ++r) {
+    if (tokens[r] < 0 || tokens[r] >= T)
+      throw seif::Error("seif experts: token index " + std::to_string(tokens[r]) +
+                        " is not in [0, " + std::to_string(T) + ")");
+    ++start[static_cast<size_t>(tokens[r]) + 1];
+  }
+  for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
+  std::vector<int64_t> rows(static_cast<size_t>(N));  // a token's rows, increasing r
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < N; ++r) rows[fill[tokens[r]]++] = r;
+  }
+  const bool on_input = weight_on_input && weights;
+  const seif::FloatBuf Xg = seif::uninit(N * H), Yg = seif::uninit(N * H);
+  seif::parallel_rows(N, pfor, [&](int64_t r) {
+    const float* x = X + tokens[r] * H;
+    float* d = Xg.get() + r * H;
+    if (on_input) {
+      const float w = weights[r];
+      for (int64_t h = 0; h < H; ++h) d[h] = w * x[h];
+    } else {
+      std::copy(x, x + H, d);
+    }
+  });
+  ex.run(Xg.get(), Yg.get(), pfor);
+  const bool scale = weights && !on_input;
+  seif::parallel_rows(T, pfor, [&](int64_t t) {
+    float* o = out + t * H;
+    for (int64_t i = start[t]; i < start[t + 1]; ++i) {
+      const int64_t r = rows[i];
+      const float* y = Yg.get() + r * H;
+      if (scale) {
+        const float w = weights[r];
+        for (int64_t h = 0; h < H; ++h) o[h] += w * y[h];
+      } else {
+        for (int64_t h = 0; h < H; ++h) o[h] += y[h];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // Routed experts' FFN on rows already sorted by expert:
@@ -301,7 +423,7 @@ SEIF_C_API int seif_experts_forward(const float* X, int64_t N, int64_t H, int64_
                                     int threads) {
   return guarded([&] {
     Experts ex{N, H, I, E, counts, gate, up, down, gate_bias, up_bias, down_bias, {}, {}};
-    ex.check(dtype, activation, alpha, limit);
+    ex.check(dtype, ffn_attrs(activation, alpha, limit));
     if (N > 0 && (!X || !Y)) throw seif::Error("seif_experts_forward: X and Y are required");
     const PoolFor pool(threads);
     ex.run(X, Y, pool.pfor());
@@ -326,51 +448,50 @@ SEIF_C_API int seif_moe_experts(const float* X, int64_t T, int64_t H, int64_t I,
   return guarded([&] {
     using seif::Error;
     Experts ex{N, H, I, E, counts, gate, up, down, gate_bias, up_bias, down_bias, {}, {}};
-    ex.check(dtype, activation, alpha, limit);
+    ex.check(dtype, ffn_attrs(activation, alpha, limit));
     if (T < 0) throw Error("seif_moe_experts: T must be >= 0");
     if (N == 0) return;
     if (!X || !out || !tokens) throw Error("seif_moe_experts: X, tokens and out are required");
-    std::vector<int64_t> start(static_cast<size_t>(T) + 1, 0);
-    for (int64_t r = 0; r < N; ++r) {
-      if (tokens[r] < 0 || tokens[r] >= T)
-        throw Error("seif_moe_experts: token index " + std::to_string(tokens[r]) +
-                    " is not in [0, " + std::to_string(T) + ")");
-      ++start[static_cast<size_t>(tokens[r]) + 1];
-    }
-    for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
-    std::vector<int64_t> rows(static_cast<size_t>(N));  // a token's rows, increasing r
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t r = 0; r < N; ++r) rows[fill[tokens[r]]++] = r;
-    }
-    const bool on_input = weight_on_input != 0 && weights;
-    const seif::FloatBuf Xg = seif::uninit(N * H), Yg = seif::uninit(N * H);
     const PoolFor pool(threads);
-    const seif::ParallelFor pfor = pool.pfor();
-    seif::parallel_rows(N, pfor, [&](int64_t r) {
-      const float* x = X + tokens[r] * H;
-      float* d = Xg.get() + r * H;
-      if (on_input) {
-        const float w = weights[r];
-        for (int64_t h = 0; h < H; ++h) d[h] = w * x[h];
-      } else {
-        std::copy(x, x + H, d);
-      }
-    });
-    ex.run(Xg.get(), Yg.get(), pfor);
-    const bool scale = weights && !on_input;
-    seif::parallel_rows(T, pfor, [&](int64_t t) {
-      float* o = out + t * H;
-      for (int64_t i = start[t]; i < start[t + 1]; ++i) {
-        const int64_t r = rows[i];
-        const float* y = Yg.get() + r * H;
-        if (scale) {
-          const float w = weights[r];
-          for (int64_t h = 0; h < H; ++h) o[h] += w * y[h];
-        } else {
-          for (int64_t h = 0; h < H; ++h) o[h] += y[h];
-        }
-      }
-    });
+    gather_run_combine(ex, X, T, tokens, weights, weight_on_input != 0, out, pool.pfor());
+  });
+}
+
+// The whole SeifMoE operator on caller arrays: moe_cpu (moe.cpp), what ai.seif.SeifMoE runs in
+// ONNX Runtime, so the same bits for the same inputs (whatever the thread count). attrs:
+// "name=value;..." (parse_attrs). Inputs i < n, n = 17, in the operator's order (spec/ops.md:
+// hidden_states, router_weight, router_bias, selection_bias, gate/up/down_proj, their biases,
+// the shared experts' six, shared_expert_gate): data[i] (null: absent), dtype code dtypes[i]
+// (0 float32, 1 float16, 2 bfloat16), shape shapes[3 i .. 3 i + ranks[i]); the router
+// (router_weight with router_bias, shared_expert_gate) may have its own dtype, the experts
+// share one. out: [N, H] of hidden_states' dtype. Why: the torch module's routing ops, the sort between them and the
+// dtype conversions cost about 1 ms per decode step on 2 cores (mostly each small op's setup),
+// a quarter of the experts' own time at T = 1; one call does all of it.
+SEIF_C_API int seif_moe_forward(const char* attrs, int n, const void* const* data,
+                                const int* dtypes, const int64_t* shapes, const int* ranks,
+                                void* out, int threads) {
+  return guarded([&] {
+    using seif::Error;
+    if (n != seif::kNumMoEInputs)
+      throw Error("seif_moe_forward: expected " + std::to_string(seif::kNumMoEInputs) +
+                  " inputs, got " + std::to_string(n));
+    if (!data || !dtypes || !shapes || !ranks)
+      throw Error("seif_moe_forward: data, dtypes, shapes and ranks are required");
+    const seif::Attrs a = parse_attrs(attrs);
+    std::vector<seif::TensorArg> in(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      if (!data[i]) continue;
+      if (ranks[i] < 0 || ranks[i] > 3)
+        throw Error("seif_moe_forward: input " + std::to_string(i) + " has rank " +
+                    std::to_string(ranks[i]) + "; the operator's inputs have 1 to 3 dimensions");
+      in[i].data = data[i];
+      in[i].dtype = dtype_of(dtypes[i]);
+      in[i].shape.assign(shapes + 3 * i, shapes + 3 * i + ranks[i]);
+    }
+    int64_t N = 0, H = 0;
+    seif::check_moe_inputs(a, in.data(), &N, &H, true);
+    if (N > 0 && !out) throw Error("seif_moe_forward: out is required");
+    const PoolFor pool(threads);
+    seif::moe_cpu(a, in.data(), out, in[seif::kHidden].dtype, pool.pfor(), true);
   });
 }

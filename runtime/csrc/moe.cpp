@@ -432,7 +432,8 @@ void expect(const TensorArg* in, int i, const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-void check_moe_inputs(const Attrs& a, const TensorArg* in, int64_t* N_out, int64_t* H_out) {
+void check_moe_inputs(const Attrs& a, const TensorArg* in, int64_t* N_out, int64_t* H_out,
+                      bool router_own_dtype) {
   for (int i : {int(kHidden), int(kRouterWeight), int(kUpProj), int(kDownProj)})
     if (!in[i].present())
       throw Error(std::string("ai.seif.SeifMoE: input ") + kInputNames[i] + " is required");
@@ -485,10 +486,19 @@ void check_moe_inputs(const Attrs& a, const TensorArg* in, int64_t* N_out, int64
     expect(in, kSharedDownBias, {S, H});
     expect(in, kSharedExpertGate, {1, H});
   }
-  for (int i = kRouterWeight; i < kNumMoEInputs; ++i)
-    if (in[i].present() && in[i].dtype != in[kUpProj].dtype && i != kSelectionBias)
+  for (int i = kRouterWeight; i < kNumMoEInputs; ++i) {
+    if (!in[i].present() || i == kSelectionBias) continue;
+    const bool router = i == kRouterWeight || i == kRouterBias || i == kSharedExpertGate;
+    if (router && router_own_dtype) {
+      if (i == kRouterBias && in[i].dtype != in[kRouterWeight].dtype)
+        throw Error(std::string("ai.seif.SeifMoE: router_bias is ") + dtype_name(in[i].dtype) +
+                    " but router_weight is " + dtype_name(in[kRouterWeight].dtype));
+      continue;
+    }
+    if (in[i].dtype != in[kUpProj].dtype)
       throw Error(std::string("ai.seif.SeifMoE: ") + kInputNames[i] + " is " +
                   dtype_name(in[i].dtype) + " but up_proj is " + dtype_name(in[kUpProj].dtype));
+  }
   if (a.kind == Kind::TopK || a.kind == Kind::GroupTopK || a.kind == Kind::SparseMixer)
     if (a.top_k > E)
       throw Error("ai.seif.SeifMoE: top_k " + std::to_string(a.top_k) + " > " +
@@ -498,9 +508,9 @@ void check_moe_inputs(const Attrs& a, const TensorArg* in, int64_t* N_out, int64
 }
 
 void moe_cpu(const Attrs& a, const TensorArg* in, void* out, DType out_type,
-             const ParallelFor& pfor) {
+             const ParallelFor& pfor, bool router_own_dtype) {
   int64_t T, H;
-  check_moe_inputs(a, in, &T, &H);
+  check_moe_inputs(a, in, &T, &H, router_own_dtype);
   const int64_t E = in[kUpProj].shape[0];
   const int64_t R = in[kRouterWeight].shape[0];
   if (T == 0) return;

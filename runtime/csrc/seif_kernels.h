@@ -205,12 +205,16 @@ enum MoEInput : int {
   kSharedGateBias, kSharedUpBias, kSharedDownBias, kSharedExpertGate, kNumMoEInputs
 };
 
-// Checks every input's shape against the attributes; returns {N, H}.
-void check_moe_inputs(const Attrs& a, const TensorArg* in, int64_t* N, int64_t* H);
+// Checks every input's shape against the attributes; returns {N, H}. Every weight has
+// up_proj's dtype (selection_bias any), as the operator's type constraint says; with
+// router_own_dtype (the C API's callers, whose router may be kept in float32 beside bfloat16
+// experts) router_weight with router_bias and shared_expert_gate may have their own.
+void check_moe_inputs(const Attrs& a, const TensorArg* in, int64_t* N, int64_t* H,
+                      bool router_own_dtype = false);
 
 // SeifMoE forward on CPU. `in` has kNumMoEInputs entries (absent ones with data == null);
-// out: [N, H] of type out_type.
+// out: [N, H] of type out_type. router_own_dtype: see check_moe_inputs.
 void moe_cpu(const Attrs& a, const TensorArg* in, void* out, DType out_type,
-             const ParallelFor& pfor);
+             const ParallelFor& pfor, bool router_own_dtype = false);
 
 }  // namespace seif
