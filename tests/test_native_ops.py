@@ -472,6 +472,28 @@ def test_moe_float32_token_result_does_not_depend_on_expert_load(T):
     assert part.tobytes() == full[:T].tobytes()
 
 
+def test_moe_reused_scratch_buffers_hold_no_stale_rows():
+    # Scratch buffers of 256 KiB and more (gathered rows, hidden activations, expert outputs,
+    # the shared experts', the bf16 input and output copies) are kept after a call and handed
+    # to the next (SEIF_SCRATCH_MB): every element must be written before it is read. Calls of
+    # falling and rising size get the first one's buffers, full of its rows.
+    layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=256, I=320,
+                     shared=SharedExpertsSpec(1, FFNSpec(192, "swiglu"), gate=True))
+    p = random_layer_params(layer, rng(48))
+    for d in p.experts + p.shared:
+        for k in d:
+            d[k] = d[k].astype(ml_dtypes.bfloat16).astype(np.float32)
+    for f in ("router_weight", "shared_gate"):
+        setattr(p, f, getattr(p, f).astype(ml_dtypes.bfloat16).astype(np.float32))
+    sess = session(moe_model(layer, p, "bfloat16", "bfloat16"))
+    for seed, T in ((49, 600), (50, 450), (51, 600), (52, 520)):
+        x = rng(seed).standard_normal((T, 256)).astype(np.float32)
+        y = sess.run(None, {"hidden_states": x})[0]
+        ref = moe_forward(x.astype(ml_dtypes.bfloat16).astype(np.float32), layer, p)
+        np.testing.assert_allclose(y, ref.astype(ml_dtypes.bfloat16).astype(np.float32),
+                                   rtol=1.6e-2, atol=1.6e-2)
+
+
 def test_moe_nan_rows_and_ties():
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), act="relu")
     p = random_layer_params(layer, rng(20))

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 
 #include "seif_kernels.h"
@@ -93,11 +94,70 @@ FfnWeights stacked_expert(const void* gate, const void* up, const void* down,
   return w;
 }
 
+namespace {
+
+// Released scratch buffers of kMinKeptBytes or more, kept for the next uninit. Why: a call's
+// gathered tokens, hidden activations and expert outputs are tens of MB at a few hundred
+// tokens, which glibc serves from fresh mmapped pages, each faulted in and zeroed by the
+// kernel on first touch (measured: deepseek fp32 T=256 through the torch module, 158 ms; with
+// glibc told never to give memory back, 141 ms).
+constexpr size_t kMinKeptBytes = size_t{1} << 18;
+struct ScratchCache {
+  std::mutex mu;
+  std::vector<std::pair<size_t, float*>> kept;  // (capacity in bytes, buffer)
+  size_t bytes = 0;
+};
+ScratchCache& scratch_cache() {
+  static ScratchCache* cache = new ScratchCache();  // never destroyed: outlives every buffer
+  return *cache;
+}
+size_t scratch_limit() {
+  static const size_t limit = [] {
+    const char* v = std::getenv("SEIF_SCRATCH_MB");
+    char* end = nullptr;
+    const long long mb = v && *v ? std::strtoll(v, &end, 10) : 256;
+    return v && *v && (*end != '\0' || mb < 0) ? size_t{256} << 20
+                                                 : static_cast<size_t>(mb) << 20;
+  }();
+  return limit;
+}
+
+}  // namespace
+
 FloatBuf uninit(int64_t n) {
   const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
+  if (bytes >= kMinKeptBytes) {  // the smallest kept buffer that fits and is not 2x too big
+    ScratchCache& c = scratch_cache();
+    std::lock_guard<std::mutex> lk(c.mu);
+    size_t best = c.kept.size();
+    for (size_t i = 0; i < c.kept.size(); ++i)
+      if (c.kept[i].first >= bytes && c.kept[i].first <= 2 * bytes &&
+          (best == c.kept.size() || c.kept[i].first < c.kept[best].first))
+        best = i;
+    if (best < c.kept.size()) {
+      const auto [cap, p] = c.kept[best];
+      c.kept.erase(c.kept.begin() + static_cast<std::ptrdiff_t>(best));
+      c.bytes -= cap;
+      return FloatBuf(p, FreeDeleter{cap});
+    }
+  }
   float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
   if (!p) throw std::bad_alloc();
-  return FloatBuf(p);
+  return FloatBuf(p, FreeDeleter{bytes});
+}
+
+void FreeDeleter::operator()(float* p) const {
+  if (!p) return;
+  if (bytes >= kMinKeptBytes) {
+    ScratchCache& c = scratch_cache();
+    std::lock_guard<std::mutex> lk(c.mu);
+    if (c.bytes + bytes <= scratch_limit()) {
+      c.kept.emplace_back(bytes, p);
+      c.bytes += bytes;
+      return;
+    }
+  }
+  std::free(p);
 }
 
 void parallel_rows(int64_t n, const ParallelFor& pfor, const std::function<void(int64_t)>& f) {
@@ -380,7 +440,7 @@ void shared_experts(const TensorArg* in, const float* X, int64_t T, int64_t H, f
                     const Attrs& a, const ParallelFor& pfor) {
   const int64_t S = in[kSharedUpProj].shape[0], Is = in[kSharedUpProj].shape[1];
   const DType wt = in[kSharedUpProj].dtype;
-  std::vector<float> Y(static_cast<size_t>(S * T * H)), Hbuf(static_cast<size_t>(S * T * Is));
+  const FloatBuf Y = uninit(S * T * H), Hbuf = uninit(S * T * Is);
   std::vector<FfnJob> jobs;
   for (int64_t s = 0; s < S; ++s) {
     FfnJob j;
@@ -388,8 +448,8 @@ void shared_experts(const TensorArg* in, const float* X, int64_t T, int64_t H, f
     j.I = Is;
     j.X = X;
     j.M = T;
-    j.Hbuf = Hbuf.data() + s * T * Is;
-    j.Y = Y.data() + s * T * H;
+    j.Hbuf = Hbuf.get() + s * T * Is;
+    j.Y = Y.get() + s * T * H;
     jobs.push_back(j);
   }
   run_ffn_jobs(jobs, H, wt, a, pfor);
@@ -515,14 +575,14 @@ void moe_cpu(const Attrs& a, const TensorArg* in, void* out, DType out_type,
   const int64_t R = in[kRouterWeight].shape[0];
   if (T == 0) return;
 
-  std::vector<float> Xbuf;
+  FloatBuf Xbuf;
   const float* X;
   if (in[kHidden].dtype == DType::F32) {
     X = static_cast<const float*>(in[kHidden].data);
   } else {
-    Xbuf.resize(static_cast<size_t>(T * H));
-    to_float(in[kHidden].data, in[kHidden].dtype, Xbuf.size(), Xbuf.data());
-    X = Xbuf.data();
+    Xbuf = uninit(T * H);
+    to_float(in[kHidden].data, in[kHidden].dtype, static_cast<size_t>(T * H), Xbuf.get());
+    X = Xbuf.get();
   }
   std::vector<float> logits(static_cast<size_t>(T * R));
   gemm_parallel(T, R, H, X, in[kRouterWeight].data, in[kRouterWeight].dtype,
@@ -533,13 +593,13 @@ void moe_cpu(const Attrs& a, const TensorArg* in, void* out, DType out_type,
     to_float(in[kSelectionBias].data, in[kSelectionBias].dtype, sel.size(), sel.data());
   }
 
-  std::vector<float> obuf;
+  FloatBuf obuf;
   float* o;
   if (out_type == DType::F32) {
     o = static_cast<float*>(out);
   } else {
-    obuf.resize(static_cast<size_t>(T * H));
-    o = obuf.data();
+    obuf = uninit(T * H);
+    o = obuf.get();
   }
   switch (a.kind) {
     case Kind::TopK:

@@ -163,9 +163,13 @@ const void* offset(const void* p, DType t, int64_t elems);
 
 // A float buffer left uninitialised (every element is written before it is read: zero-filling
 // the gathered tokens, hidden activations and expert outputs would cost a pass over memory), on
-// 64-byte boundaries so that the GEMM's 64-byte row loads do not straddle cache lines.
+// 64-byte boundaries so that the GEMM's 64-byte row loads do not straddle cache lines. Large
+// ones come from, and go back to, a process-wide cache of released buffers (moe.cpp: fresh
+// pages from the kernel are each faulted in and zeroed on first touch, ~10% of a call's time
+// at tens of MB); SEIF_SCRATCH_MB caps what it keeps (default 256, 0: keep nothing).
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  size_t bytes = 0;  // the buffer's capacity
+  void operator()(float* p) const;
 };
 using FloatBuf = std::unique_ptr<float[], FreeDeleter>;
 FloatBuf uninit(int64_t n);  // n floats (at least one); throws std::bad_alloc
