@@ -412,9 +412,9 @@ def test_moe_large_token_count_and_odd_sizes():
 @pytest.mark.parametrize("T", [3, 28, 60, 300, 1100])
 def test_moe_gemm_blocks_and_tails(wdtype, T):
     # The CPU GEMM's paths, by tokens per expert (E=4, k=2): ~1-2 (dot-product form, weights
-    # streamed, K not blocked); ~14 and ~30 (float32: the column form, 64-row panels of 128 k
+    # streamed, K not blocked); ~14 (float32: the column form, 64-row panels of 128 k
     # transposed, partial sums carried in the output; bfloat16: the dot-product form, K blocks
-    # of 512 with 16-lane partial sums carried, up to 40 tokens); ~150 (outer-product form:
+    # of 512 with 16-lane partial sums carried); ~30 (the column form); ~150 (outer-product form:
     # token blocks of 64 = 64 + 64 + 22, K blocks of 128 with partial sums carried, 6-row
     # weight tiles); ~550 (the FFN's token blocks of 256, each with its own prepared-tokens
     # key, the last of ~38 tokens). H and I leave
@@ -453,18 +453,23 @@ def test_moe_repeated_calls_see_new_tokens(wdtype, T):
         np.testing.assert_allclose(y, moe_forward(x, layer, p), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("T", [8, 12, 20, 31])
-def test_moe_float32_token_result_does_not_depend_on_expert_load(T):
-    # float32 weights: an expert with 8-31 tokens runs the column form, one with 64 the outer
-    # form; both add each output's products in increasing k, one FMA each, so a token's result
-    # is the same bits either way. Every token goes to experts 0 and 1 (zero router weights);
-    # I = 150 and H = 200 leave partial 16-column vectors and partial K blocks of 128.
+@pytest.mark.parametrize("wdtype,T", [("float32", 8), ("float32", 12), ("float32", 20),
+                                      ("float32", 31), ("bfloat16", 20), ("bfloat16", 39)])
+def test_moe_token_result_does_not_depend_on_expert_load(wdtype, T):
+    # An expert with 8-31 tokens (bfloat16 weights: 20-39) runs the column form, one with 64
+    # the outer form; both add each output's products in increasing k, one FMA each (bf16
+    # weights widened exactly), so a token's result is the same bits either way. Every token
+    # goes to experts 0 and 1 (zero router weights); I = 150 and H = 200 leave partial
+    # 16-column vectors and partial K blocks.
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=200, I=150, bias=True)
     p = random_layer_params(layer, rng(46))
+    for d in p.experts:
+        for k in d:
+            d[k] = d[k].astype(NP_TYPE[wdtype]).astype(np.float32)
     p.router_weight[:] = 0.0
     if p.router_bias is not None:
         p.router_bias[:] = 0.0
-    sess = session(moe_model(layer, p, "float32", "float32"))
+    sess = session(moe_model(layer, p, "float32", wdtype))
     x = rng(47).standard_normal((64, 200)).astype(np.float32)
     full = sess.run(None, {"hidden_states": x})[0]
     part = sess.run(None, {"hidden_states": x[:T]})[0]

@@ -2,14 +2,14 @@
 // -mavx512f -mavx512bw -mfma; used only when the CPU has them, see gemm.cpp, which sends float16
 // weights to the AVX2 kernel).
 //
-// Three forms, chosen by the number of tokens M and the weight type (outer_min_m,
-// kColMinMF32), never by the thread count:
+// Three forms, chosen by the number of tokens M and the weight type (col_min_m, outer_min_m),
+// never by the thread count:
 //
-// Dot-product form (fewer than outer_min_m tokens; float32: fewer than kColMinMF32): A (tokens
-// [M, K], float32) and B (weights [N, K], the torch layout) are both read along K, so the
-// weights are never packed or transposed and every weight byte is read from memory once per
-// block of kMC tokens. A register tile of MR x NR accumulators of 16 lanes runs along K. Numerics: lane l of
-// an accumulator adds its products in increasing k (float32: the k = l mod 16; bfloat16: the
+// Dot-product form (fewer than col_min_m tokens): A (tokens [M, K], float32) and B (weights
+// [N, K], the torch layout) are both read along K, so the weights are never packed or
+// transposed and every weight byte is read from memory once per block of kMC tokens. A
+// register tile of MR x NR accumulators of 16 lanes runs along K. Numerics: lane l of an
+// accumulator adds its products in increasing k (float32: the k = l mod 16; bfloat16: the
 // k = 2l and 2l + 1 mod 32), the 16 lanes are added in one fixed tree at the end, then the bias.
 // Partial accumulators of a K block are kept whole (16 lanes) between blocks, so the result does
 // not depend on the blocking or on the thread count.
@@ -27,17 +27,17 @@
 // L1 buffer), 6 rows x 64 tokens of accumulators; each output is a plain float32 sum over k in
 // increasing order (one FMA per k), then the bias. Measured 1.25-1.5x the dot form from 48
 // tokens on. A token's result can differ in the last bits between an expert that received
-// fewer than outer_min_m (float32: kColMinMF32) tokens and one that received more (both
-// deterministic).
+// fewer than col_min_m tokens and one that received more (both deterministic).
 // The last 1-7 tokens past a multiple of 16 take the dot form (a vector of 16 token lanes would
 // hold mostly zeros), so which form a token gets also depends on its place in the block. The
 // tokens' packed forms are prepared once per call, or once per thread for all the calls that
 // pass the same key (gemm_nt_keyed, PreparedTokens).
 //
-// Column form (float32 weights, kColMinMF32 <= M < outer_min_m): see gemm_cols. Vectors over
-// weight rows, tokens broadcast, each panel of 64 weight rows x 128 k transposed once into L1;
-// every output is the same float32 sum over k in increasing order as in the outer form, so a
-// float32 token's result does not change when its expert gets 8-31 tokens rather than more.
+// Column form (col_min_m <= M < outer_min_m: float32 8-31 tokens, bfloat16 20-39): see
+// gemm_cols. Vectors over weight rows, tokens broadcast, each panel of 64 weight rows x 128 k
+// transposed (bfloat16: widened exactly) once into L1; every output is the same float32 sum
+// over k in increasing order as in the outer form, so a token's result does not change when
+// its expert gets that many tokens rather than more.
 //
 // bfloat16 weights: one 64-byte load holds 32 weights; a shift and a mask turn it into the
 // float32 weights of the even and the odd k, with no shuffle. The tokens of each K block are
@@ -64,15 +64,22 @@ constexpr int64_t kKC = 512;     // K per block (a multiple of 32)
 constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not blocked
 // From this many tokens on: the outer-product form below. Measured on M x 1408 x 2048, one core:
 // bfloat16 weights 1.1x the dot form at 40, 1.15-1.25x at 64, 1.25-1.35x at 256 (below 40 the
-// dot form wins when the weights come from memory: its rows need no widening). float32
+// dot form won when the weights come from memory: its rows need no widening; from 20 the
+// column form beats both). float32
 // weights: 1.3x at 48, 1.4x at 256; below 32 the column form (from kColMinMF32 tokens) beats
 // it: M x 11264 x 2048, weights from memory, one core: 1.1x the dot form at 8, 1.15-1.24x at
 // 12-20, 1.15x the outer form at 24, about even at 28; at 32 the outer form is 1.03x (1.13x
 // on weights from cache).
 constexpr int64_t kOuterMinMBf16 = 40;
 constexpr int64_t kOuterMinMF32 = 32;
-constexpr int64_t kColMinMF32 = 8;  // float32: the column form for kColMinMF32 <= M < 32
+// From this many tokens on (up to outer_min_m): the column form. bfloat16 weights, M x 11264 x
+// 2048 from memory, one core: about even with the dot form at 16 (below it the dot form wins,
+// 1.3-1.5x at 8-12), 1.05-1.15x at 24-36; MoE layer: deepseek bf16 T=256 (~24 tokens per
+// expert) 135-137 -> 130-132 ms, mixtral bf16 T=64 (~16) 47 -> 45-46.
+constexpr int64_t kColMinMF32 = 8;
+constexpr int64_t kColMinMBf16 = 20;
 inline int64_t outer_min_m(bool bf16) { return bf16 ? kOuterMinMBf16 : kOuterMinMF32; }
+inline int64_t col_min_m(bool bf16) { return bf16 ? kColMinMBf16 : kColMinMF32; }
 constexpr int64_t kOuterTailMax = 7;  // see gemm(): tokens past a multiple of 16 for the dot form
 
 // Sum of the 16 lanes in a fixed order: halves, quarters, pairs, then the last two.
@@ -714,7 +721,7 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       }
     return;
   }
-  if (!bf16 && M >= kColMinMF32 && M < kOuterMinMF32) {
+  if (M >= col_min_m(bf16) && M < outer_min_m(bf16)) {
     const float* fb = nullptr;
     if (bias) {
       float* f = Fbuf.get(n1 - n0);
