@@ -1,5 +1,7 @@
 // A small C ABI over the CPU kernels, for callers other than ONNX Runtime (the torch module's
-// "native" expert dispatch, seif.runtime.native, through ctypes).
+// "native" dispatch, seif.runtime.native, through ctypes): the routed experts on sorted rows
+// (seif_experts_forward), on gathered tokens with the weighted sum (seif_moe_experts), and the
+// whole SeifMoE operator (seif_moe_forward, moe_cpu: what ai.seif.SeifMoE runs in ORT).
 //
 // Why: torch's CPU matmuls for the small row counts of routed experts run far below memory
 // bandwidth (bf16 at about half the fp32 rate on CPUs without AMX); run_ffn_jobs (moe.cpp) does
@@ -22,10 +24,10 @@
 #include <pthread.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstdlib>
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <new>
