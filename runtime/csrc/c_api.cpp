@@ -466,9 +466,10 @@ SEIF_C_API int seif_moe_experts(const float* X, int64_t T, int64_t H, int64_t I,
 // the shared experts' six, shared_expert_gate): data[i] (null: absent), dtype code dtypes[i]
 // (0 float32, 1 float16, 2 bfloat16), shape shapes[3 i .. 3 i + ranks[i]); the router
 // (router_weight with router_bias, shared_expert_gate) may have its own dtype, the experts
-// share one. out: [N, H] of hidden_states' dtype. Why: the torch module's routing ops, the sort between them and the
-// dtype conversions cost about 1 ms per decode step on 2 cores (mostly each small op's setup),
-// a quarter of the experts' own time at T = 1; one call does all of it.
+// share one. out: [N, H] of hidden_states' dtype. Why: the torch module's routing ops, the
+// sort between them and the dtype conversions cost about 1 ms per decode step on 2 cores
+// (mostly each small op's setup), a quarter of the experts' own time at T = 1; one call does
+// all of it.
 SEIF_C_API int seif_moe_forward(const char* attrs, int n, const void* const* data,
                                 const int* dtypes, const int64_t* shapes, const int* ranks,
                                 void* out, int threads) {

@@ -17,7 +17,8 @@
 // Blocking: up to kStreamM tokens, no K blocking (each weight row streams once, front to back);
 // above (bfloat16 only: float32 takes the column form from kColMinMF32 = kStreamM tokens), K
 // blocks of kKC so that the A block (kMC x kKC floats, L2) is reused by every NR-row weight
-// panel (NR x kKC, read in place), partial sums in a per-thread buffer. While the token tiles run over one weight panel, the next one is prefetched into L2.
+// panel (NR x kKC, read in place), partial sums in a per-thread buffer. While the token tiles
+// run over one weight panel, the next one is prefetched into L2.
 // Each 16-lane FMA of this form reads two full vectors, so with the token rows coming from L2 it
 // reached only ~110 GFLOP/s per core (~190 on L1-resident data).
 //
@@ -65,11 +66,10 @@ constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not b
 // From this many tokens on: the outer-product form below. Measured on M x 1408 x 2048, one core:
 // bfloat16 weights 1.1x the dot form at 40, 1.15-1.25x at 64, 1.25-1.35x at 256 (below 40 the
 // dot form won when the weights come from memory: its rows need no widening; from 20 the
-// column form beats both). float32
-// weights: 1.3x at 48, 1.4x at 256; below 32 the column form (from kColMinMF32 tokens) beats
-// it: M x 11264 x 2048, weights from memory, one core: 1.1x the dot form at 8, 1.15-1.24x at
-// 12-20, 1.15x the outer form at 24, about even at 28; at 32 the outer form is 1.03x (1.13x
-// on weights from cache).
+// column form beats both). float32 weights: 1.3x at 48, 1.4x at 256; below 32 the column form
+// (from kColMinMF32 tokens) beats it: M x 11264 x 2048, weights from memory, one core: 1.1x
+// the dot form at 8, 1.15-1.24x at 12-20, 1.15x the outer form at 24, about even at 28; at 32
+// the outer form is 1.03x (1.13x on weights from cache).
 constexpr int64_t kOuterMinMBf16 = 40;
 constexpr int64_t kOuterMinMF32 = 32;
 // From this many tokens on (up to outer_min_m): the column form. bfloat16 weights, M x 11264 x
