@@ -507,23 +507,16 @@ constexpr int64_t kCKC = 128;  // K per panel: kCKC x kCN floats = 32 KiB (L1)
 constexpr int kCMR = 6;        // most tokens per register tile (6 x 4 accumulators)
 
 // Weight rows [0, nr) x k [0, kc) (row stride ldb elements) as float32 into Wt[k * kCN + r];
-// the rows of a partial last vector (nr..) are zero. nr <= kCN, kc <= kCKC.
+// the rows of a partial last vector (nr..) are zero. nr <= kCN, kc <= kCKC. float32 rows are
+// transposed exactly as the outer form packs its tokens (pack_tokens, the same 64-wide layout).
+static_assert(kCN == kOMB, "the column form's panel has the outer form's packed-token layout");
 void transpose_panel(bool bf16, const void* B, int64_t ldb, int nr, int64_t kc, float* Wt) {
+  if (!bf16) {
+    pack_tokens(static_cast<const float*>(B), ldb, nr, 0, kc, Wt);
+    return;
+  }
   for (int r0 = 0; r0 < nr; r0 += 16) {
     const int rows = std::min(16, nr - r0);
-    if (!bf16) {
-      const float* b = static_cast<const float*>(B) + r0 * ldb;
-      for (int64_t k = 0; k < kc; k += 16) {
-        const int64_t kn = std::min<int64_t>(16, kc - k);
-        const __mmask16 km = static_cast<__mmask16>((1u << kn) - 1u);
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i)
-          r[i] = i < rows ? _mm512_maskz_loadu_ps(km, b + i * ldb + k) : _mm512_setzero_ps();
-        transpose16(r);
-        for (int64_t kk = 0; kk < kn; ++kk) _mm512_store_ps(Wt + (k + kk) * kCN + r0, r[kk]);
-      }
-      continue;
-    }
     // bfloat16: one 64-byte load holds 32 k of a row; a shift gives the even k, a mask the odd
     // ones (exact), and each half is transposed on its own.
     const uint16_t* b = static_cast<const uint16_t*>(B) + r0 * ldb;
