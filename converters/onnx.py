@@ -62,6 +62,7 @@ __all__ = [
     "import_layers",
     "layer_attributes",
     "moe_model",
+    "operator_refusal",
     "ort_lowering_refusal",
     "register",
     "router_model",
@@ -142,15 +143,24 @@ def _router_attributes(layer: LayerSpec) -> dict[str, Any]:
     return {k: attrs[k] for k in ROUTER_ATTRIBUTES}
 
 
-def _check_exportable(layer: LayerSpec) -> None:
+def operator_refusal(layer: LayerSpec) -> str | None:
+    """Why one SeifMoE node cannot hold `layer` (None: it can): the operator has one activation
+    attribute for the routed and the shared experts (swiglu_oai's alpha and limit included).
+    The exporter and the torch module's whole-layer native call both ask."""
     se = layer.shared_experts
     if se is not None:
         a, b = se.ffn, layer.experts
         if a.activation != b.activation or (
                 a.activation == "swiglu_oai" and (a.alpha, a.limit) != (b.alpha, b.limit)):
-            raise ConversionError(
-                f"layer {layer.index}: shared experts use {a.activation}, routed experts "
-                f"{b.activation}; SeifMoE has one activation attribute for both")
+            return (f"shared experts use {a.activation}, routed experts {b.activation}; SeifMoE "
+                    f"has one activation attribute for both")
+    return None
+
+
+def _check_exportable(layer: LayerSpec) -> None:
+    why_not = operator_refusal(layer)
+    if why_not is not None:
+        raise ConversionError(f"layer {layer.index}: {why_not}")
 
 
 # =========================================================================== graph builder

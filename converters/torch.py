@@ -561,15 +561,20 @@ class SparseMoE(nn.Module):
         self._experts_loop(out, x, tokens, ws, on_input, counts, ffn, cdt)
         return out
 
+    def _native_on(self) -> bool:
+        """`native` True, or auto: `native` and `grouped_mm` None and SEIF_TORCH_NATIVE not
+        "0"."""
+        if self.native is not None:
+            return self.native
+        return self.grouped_mm is None and os.environ.get("SEIF_TORCH_NATIVE", "") != "0"
+
     def _native_wanted(self, cdt: torch.dtype, x: torch.Tensor) -> bool:
-        """Whether this call takes the native dispatch: with `native` True (NativeError, with
-        the reason, where it cannot run), or auto (`native` and `grouped_mm` None, and
-        SEIF_TORCH_NATIVE not "0") wherever `_native_refusal` finds nothing against it."""
-        auto = self.native is None and self.grouped_mm is None \
-            and os.environ.get("SEIF_TORCH_NATIVE", "") != "0"
-        if not (self.native or auto):
+        """Whether this call takes the native expert dispatch: where `_native_on` and
+        `_native_refusal` finds nothing against the experts' tensors (`native` True: a
+        NativeError with the reason where it cannot run)."""
+        if not self._native_on():
             return False
-        why_not = self._native_refusal(cdt, x)
+        why_not = self._native_refusal(cdt, x, self._operator_inputs(_EXPERT_INPUTS))
         if why_not is None:
             return True
         if self.native:
@@ -580,57 +585,37 @@ class SparseMoE(nn.Module):
     def _whole_layer_inputs(self, h: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
         """The SeifMoE operator's tensors (by input name, hidden_states aside) where forward
         runs the whole layer in one native call (`_forward_native`), else None. It does where
-        the native dispatch is on (`native` True, or auto as in `_native_wanted`) and: the
-        layer is one SeifMoE operator (no output bias, the shared experts' activation the
-        routed ones'), every tensor is a contiguous CPU float32 / bfloat16 / float16 one that
-        needs no gradient, the experts' weights share one dtype and the router's one, the
-        router logits are not asked for, and the tokens form one routing group (a batch of
-        sequences with capacity, expert choice or soft MoE is routed sequence by sequence: not
-        here). Otherwise forward takes the other dispatches (`native` True still runs the
-        experts natively there, or says why not). Kept lean: it runs on every call, and at a
-        decode step each Python-level check costs microseconds."""
-        if self.native is None:
-            if self.grouped_mm is not None or os.environ.get("SEIF_TORCH_NATIVE", "") == "0":
-                return None
-        elif not self.native:
+        the native dispatch is on (`_native_on`), the layer is one SeifMoE operator (no output
+        bias; `_native_attributes`), the router logits are not asked for, the tokens form one
+        routing group (a batch of sequences with capacity, expert choice or soft MoE is routed
+        sequence by sequence: not here), and `_native_refusal` finds nothing against any of
+        the operator's tensors (the router's may have a dtype of their own). Otherwise forward
+        takes the other dispatches (`native` True still runs the experts natively there, or
+        says why not). Kept lean: it runs on every call, and at a decode step each
+        Python-level check costs microseconds."""
+        if not self._native_on():
             return None
-        spec, r = self.spec, self.spec.routing
+        r = self.spec.routing
         if self.return_router_logits or self.output_bias is not None \
-                or h.dtype not in NATIVE_DTYPES or h.device.type != "cpu" or h.numel() == 0 \
-                or spec.experts.activation not in NATIVE_ACTIVATIONS:
+                or h.dtype not in NATIVE_DTYPES or h.numel() == 0:
             return None
         coupled = r.capacity is not None or r.kind in ("expert_choice", "soft_moe")
-        if h.dim() == 3 and coupled and h.shape[0] > 1:
+        if (h.dim() == 3 and coupled and h.shape[0] > 1) or self._native_attributes() is None:
             return None
-        if spec.shared_experts is not None \
-                and not _one_activation(spec.shared_experts.ffn, spec.experts):
-            return None
-        tensors = self._operator_inputs()
-        wt, rt = tensors["up_proj"].dtype, tensors["router_weight"].dtype
-        if self.compute_dtype not in (None, wt) or torch.compiler.is_compiling():
-            return None
-        grad = torch.is_grad_enabled()
-        if grad and h.requires_grad:
-            return None
-        for name, t in tensors.items():
-            if t is None:
-                continue
-            if t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES \
-                    or not t.is_contiguous() or (grad and t.requires_grad):
-                return None
-            own = rt if name == "router_bias" else _OWN_DTYPE.get(name, wt)
-            if own is not None and t.dtype != own:
-                return None
-        return tensors if _native().available() else None
+        tensors = self._operator_inputs(_OPERATOR_INPUTS)
+        return tensors if self._native_refusal(self._cdt(), h, tensors) is None else None
 
-    def _operator_inputs(self) -> dict[str, torch.Tensor | None]:
-        """This layer's tensors by SeifMoE input name (seif.runtime.native.MOE_INPUTS, without
-        hidden_states), read from the parameter and buffer tables directly (nn.Module's
-        attribute fallback costs ~1 us a name)."""
+    def _operator_inputs(self, names: tuple[str, ...]) -> dict[str, torch.Tensor | None]:
+        """This layer's tensors by SeifMoE input name (`names`, from _OPERATOR_INPUTS), read
+        from the parameter and buffer tables directly (nn.Module's attribute fallback costs
+        ~1 us a name)."""
         params, buffers = self._parameters, self._buffers
-        return {name: params[attr] if attr in params else
+        out = {}
+        for name in names:
+            attr = _OPERATOR_ATTRS[name]
+            out[name] = params[attr] if attr in params else \
                 buffers[attr] if attr in buffers else getattr(self, attr, None)
-                for name, attr in _OPERATOR_ATTRS}
+        return out
 
     def _forward_native(self, x: torch.Tensor,
                         tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
@@ -649,42 +634,53 @@ class SparseMoE(nn.Module):
         self.last_dispatch = "native"
         return out
 
-    def _native_attributes(self) -> dict:
-        """The SeifMoE attributes of this layer (seif.converters.onnx.layer_attributes), kept
-        while `spec` is the same object."""
+    def _native_attributes(self) -> dict | None:
+        """The SeifMoE attributes of this layer (seif.converters.onnx.layer_attributes), or
+        None where one SeifMoE node cannot hold it (`operator_refusal`); kept while `spec` is
+        the same object."""
         cached = getattr(self, "_native_attrs", None)
         if cached is None or cached[0] is not self.spec:
-            from seif.converters.onnx import layer_attributes
-            cached = (self.spec, layer_attributes(self.spec))
+            from seif.converters.onnx import layer_attributes, operator_refusal
+            ok = operator_refusal(self.spec) is None
+            cached = (self.spec, layer_attributes(self.spec) if ok else None)
             self._native_attrs = cached
         return cached[1]
 
-    def _native_refusal(self, cdt: torch.dtype, x: torch.Tensor) -> str | None:
-        """Why the native dispatch cannot run this call (None: it can). It needs the library
-        (with its C API), CPU tensors that need no gradient (it has no backward), eager mode (no
-        torch.compile / export tracing), experts in their stored dtype (float32, bfloat16 or
-        float16) and contiguous stacked weights of that one dtype."""
+    def _native_refusal(self, cdt: torch.dtype, x: torch.Tensor,
+                        tensors: dict[str, torch.Tensor | None]) -> str | None:
+        """Why the native kernels cannot run this call on `tensors` (SeifMoE input name ->
+        tensor or None; None: they can). They need the library (with its C API), CPU tensors
+        that need no gradient (they have no backward), eager mode (no torch.compile / export
+        tracing), a native activation, experts in their stored dtype (float32, bfloat16 or
+        float16) and contiguous tensors: the experts' of one dtype, the router's (router_bias:
+        router_weight's), selection_bias's and shared_expert_gate's of any of the three."""
         if x.device.type != "cpu":
             return f"the input is on {x.device}, not the CPU"
         if torch.compiler.is_compiling():
             return "torch.compile / export is tracing"
-        params = [getattr(self, f"{p}_proj{b}") for p in self.spec.experts.projections
-                  for b in ("", "_bias")]
-        params = [p for p in params if p is not None]
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return "a gradient is needed (the native kernels have no backward)"
-        wt = self.up_proj.dtype
+        if not _native().available():
+            return "libseif_ort.so (with its C API) is not built: `make native`"
+        wt = tensors["up_proj"].dtype
         if cdt != wt:
             return f"compute_dtype {cdt} differs from the weights' {wt}"
         if wt not in NATIVE_DTYPES:
             return f"expert weights are {wt}, not float32, bfloat16 or float16"
-        for p in params:
-            if p.device.type != "cpu" or p.dtype != wt or not p.is_contiguous():
-                return "the expert weights are not contiguous CPU tensors of one dtype"
         if self.spec.experts.activation not in NATIVE_ACTIVATIONS:
             return f"activation {self.spec.experts.activation!r} has no native kernel"
-        if not _native().available():
-            return "libseif_ort.so (with its C API) is not built: `make native`"
+        grad = torch.is_grad_enabled()
+        if grad and (x.requires_grad or any(t is not None and t.requires_grad
+                                            for t in tensors.values())):
+            return "a gradient is needed (the native kernels have no backward)"
+        router = tensors.get("router_weight")
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            own = router.dtype if name == "router_bias" else _OWN_DTYPE.get(name, wt)
+            if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in NATIVE_DTYPES \
+                    or (own is not None and t.dtype != own):
+                return (f"{name} is not a contiguous CPU tensor of "
+                        f"{own or 'float32, bfloat16 or float16'} (it is {t.dtype} on "
+                        f"{t.device}, contiguous: {t.is_contiguous()})")
         return None
 
     def _experts_native(self, out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
@@ -775,22 +771,17 @@ def _native():
     return native
 
 
-# SeifMoE input name -> SparseMoE attribute, hidden_states aside (seif.runtime.native.MOE_INPUTS).
-_OPERATOR_ATTRS = (("router_weight", "router_weight"), ("router_bias", "router_bias"),
-                   ("selection_bias", "selection_bias"),
-                   *((f"{pre}{p}_{kind}", f"{pre}{p}_proj{suffix}")
-                     for pre in ("", "shared_") for p in ("gate", "up", "down")
-                     for kind, suffix in (("proj", ""), ("bias", "_bias"))),
-                   ("shared_expert_gate", "shared_expert_gate"))
+# SeifMoE input name -> SparseMoE attribute, hidden_states aside (seif.converters.onnx.MOE_INPUTS).
+_OPERATOR_ATTRS = {"router_weight": "router_weight", "router_bias": "router_bias",
+                   "selection_bias": "selection_bias",
+                   **{f"{pre}{p}_{kind}": f"{pre}{p}_proj{suffix}"
+                      for pre in ("", "shared_") for p in ("gate", "up", "down")
+                      for kind, suffix in (("proj", ""), ("bias", "_bias"))},
+                   "shared_expert_gate": "shared_expert_gate"}
+_OPERATOR_INPUTS = tuple(_OPERATOR_ATTRS)
+_EXPERT_INPUTS = ("gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias")
 # Inputs whose dtype may differ from the experts' (None: any); router_bias: router_weight's.
 _OWN_DTYPE = {"router_weight": None, "selection_bias": None, "shared_expert_gate": None}
-
-
-def _one_activation(a: FFNSpec, b: FFNSpec) -> bool:
-    """Whether two FFNs share one activation (SeifMoE has one attribute for the routed and the
-    shared experts; swiglu_oai's alpha and limit included)."""
-    return a.activation == b.activation and (
-        a.activation != "swiglu_oai" or (a.alpha, a.limit) == (b.alpha, b.limit))
 
 
 def _view(t: torch.Tensor | None):

@@ -9,8 +9,10 @@ points: `seif_moe_experts` (the experts on assignments routed and sorted by the 
 gathered and combined in C) and `seif_moe_forward` (the whole SeifMoE operator, routing and
 shared experts included, as ONNX Runtime runs it).
 
-Standard library + ctypes only; the library is loaded once, on first use. Loading it here and
-registering it with ONNX Runtime in the same process is fine (the dynamic loader maps it once).
+Standard library + ctypes (and, for `moe_forward`, the operator's input names from
+seif.converters.onnx, which needs numpy only); the library is loaded once, on first use.
+Loading it here and registering it with ONNX Runtime in the same process is fine (the dynamic
+loader maps it once).
 """
 
 from __future__ import annotations
@@ -142,8 +144,7 @@ def experts_forward(x: View, counts: View, up: View, down: View, out: View, *,
     args = [_check("x", x, (N, H), ("float32",)), N, H, up.shape[1], weights[0], E,
             *weights[1:], WEIGHT_DTYPES[up.dtype], activation.encode(), float(alpha),
             float(limit), _check("out", out, (N, H), ("float32",)), max(1, int(threads))]
-    if lib.seif_experts_forward(*args) != 0:
-        raise NativeError(lib.seif_last_error().decode(errors="replace"))
+    _succeed(lib, lib.seif_experts_forward(*args))
 
 
 def moe_experts(x: View, tokens: View, weights: View | None, counts: View, up: View, down: View,
@@ -168,25 +169,18 @@ def moe_experts(x: View, tokens: View, weights: View | None, counts: View, up: V
             int(bool(weight_on_input)), N, wts[0], E, *wts[1:], WEIGHT_DTYPES[up.dtype],
             activation.encode(), float(alpha), float(limit),
             _check("out", out, (T, H), ("float32",)), max(1, int(threads))]
-    if lib.seif_moe_experts(*args) != 0:
-        raise NativeError(lib.seif_last_error().decode(errors="replace"))
-
-
-# The SeifMoE operator's inputs, in its order (spec/ops.md; seif::MoEInput in seif_kernels.h).
-MOE_INPUTS = ("hidden_states", "router_weight", "router_bias", "selection_bias", "gate_proj",
-              "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias", "shared_gate_proj",
-              "shared_up_proj", "shared_down_proj", "shared_gate_bias", "shared_up_bias",
-              "shared_down_bias", "shared_expert_gate")
+    _succeed(lib, lib.seif_moe_experts(*args))
 
 
 def moe_forward(attributes: Mapping[str, object], inputs: Mapping[str, View | None], out: View,
                 *, threads: int = 1) -> None:
     """The whole ai.seif SeifMoE operator in-process: the kernel ONNX Runtime runs for it, on
     the same inputs (same bits), routing and shared experts included. `attributes`: the node's
-    attributes (`seif.converters.onnx.layer_attributes`); `inputs`: by MOE_INPUTS name, absent
-    ones None or left out; `out`: [N, H] contiguous, of hidden_states' dtype. The C side checks
-    the shapes against the attributes as the operator does; anything refused raises
-    NativeError."""
+    attributes (`seif.converters.onnx.layer_attributes`); `inputs`: by SeifMoE input name
+    (`seif.converters.onnx.MOE_INPUTS`, the operator's order), absent ones None or left out;
+    `out`: [N, H] contiguous, of hidden_states' dtype. The C side checks the shapes against
+    the attributes as the operator does; anything refused raises NativeError."""
+    from seif.converters.onnx import MOE_INPUTS  # numpy only; no onnx import
     lib = _loaded()
     unknown = set(inputs) - set(MOE_INPUTS)
     if unknown:
@@ -210,9 +204,8 @@ def moe_forward(attributes: Mapping[str, object], inputs: Mapping[str, View | No
     if x is None or len(x.shape) != 2:
         raise NativeError("hidden_states [N, H] is required")
     _check("out", out, x.shape, (x.dtype,))
-    if lib.seif_moe_forward(_attribute_text(attributes), n, data, dtypes, shapes, ranks,
-                            out.address, max(1, int(threads))) != 0:
-        raise NativeError(lib.seif_last_error().decode(errors="replace"))
+    _succeed(lib, lib.seif_moe_forward(_attribute_text(attributes), n, data, dtypes, shapes,
+                                       ranks, out.address, max(1, int(threads))))
 
 
 def _attribute_text(attributes: Mapping[str, object]) -> bytes:
@@ -227,6 +220,12 @@ def _attribute_text(attributes: Mapping[str, object]) -> bytes:
     return ";".join(items).encode()
 
 
+def _succeed(lib: ctypes.CDLL, status: int) -> None:
+    """A C call's status: non-zero raises NativeError with the library's message."""
+    if status != 0:
+        raise NativeError(lib.seif_last_error().decode(errors="replace"))
+
+
 def _loaded() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
@@ -235,11 +234,9 @@ def _loaded() -> ctypes.CDLL:
     return lib
 
 
-def _weights(counts: View | None, up: View, down: View, gate: View | None,
-             gate_bias: View | None, up_bias: View | None, down_bias: View | None,
-             H: int) -> tuple[int, list]:
-    """E and the checked addresses [counts, gate, up, down, gate_bias, up_bias, down_bias]
-    (counts None: not checked, None in the list)."""
+def _weights(counts: View, up: View, down: View, gate: View | None, gate_bias: View | None,
+             up_bias: View | None, down_bias: View | None, H: int) -> tuple[int, list]:
+    """E and the checked addresses [counts, gate, up, down, gate_bias, up_bias, down_bias]."""
     if len(up.shape) != 3:
         raise NativeError(f"up must be [E, I, H]; got {list(up.shape)}")
     E, I = up.shape[0], up.shape[1]
@@ -247,7 +244,7 @@ def _weights(counts: View | None, up: View, down: View, gate: View | None,
     if wt not in WEIGHT_DTYPES:
         raise NativeError(f"expert weights are {wt}; expected float32, bfloat16 or float16")
     return E, [
-        None if counts is None else _check("counts", counts, (E,), ("int64",)),
+        _check("counts", counts, (E,), ("int64",)),
         _check("gate", gate, (E, I, H), (wt,), optional=True),
         _check("up", up, (E, I, H), (wt,)),
         _check("down", down, (E, H, I), (wt,)),

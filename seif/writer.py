@@ -197,6 +197,8 @@ def _copy_chunk_bytes() -> int:
         raise ConversionError(f"SEIF_COPY_CHUNK must be a positive multiple of {DIRECT_ALIGN} "
                               f"bytes, got {COPY_CHUNK_BYTES!r}")
     return size
+
+
 DEFERRED_BYTES = 8 * 1024 * 1024
 _DIRECT = hasattr(os, "O_DIRECT") and os.environ.get("SEIF_DIRECT", "1") == "1"
 

@@ -425,7 +425,7 @@ def test_whole_layer_falls_back_where_the_operator_cannot_run():
 
 def _operator_views(spec, params):
     module = st.SparseMoE.from_params(spec, params, torch.float32)
-    tensors = module._operator_inputs()
+    tensors = module._operator_inputs(st._OPERATOR_INPUTS)
     return module, tensors, {k: st._view(t) for k, t in tensors.items() if t is not None}
 
 
@@ -439,16 +439,16 @@ def _operator_views(spec, params):
 ])
 def test_c_api_moe_forward_refuses_bad_attributes(attrs, match):
     spec = CASES["swiglu-renorm"]
-    module, tensors, views = _operator_views(spec, random_layer_params(
-        spec, np.random.default_rng(26)))
+    params = random_layer_params(spec, np.random.default_rng(26))
+    module, tensors, views = _operator_views(spec, params)
     x = torch.from_numpy(tokens(5))
     out = torch.empty_like(x)
     views["hidden_states"] = st._view(x)
     with pytest.raises(native.NativeError, match=match):
         native.moe_forward(attrs, views, st._view(out))
     native.moe_forward(module._native_attributes(), views, st._view(out))  # still works
-    np.testing.assert_allclose(out.numpy(), moe_forward(x.numpy(), spec, random_layer_params(
-        spec, np.random.default_rng(26))), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), moe_forward(x.numpy(), spec, params),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_c_api_moe_forward_refuses_bad_inputs():
