@@ -409,17 +409,18 @@ def test_moe_large_token_count_and_odd_sizes():
 
 
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("T", [3, 28, 60, 300, 1100])
+@pytest.mark.parametrize("T", [3, 28, 60, 74, 300, 1100])
 def test_moe_gemm_blocks_and_tails(wdtype, T):
     # The CPU GEMM's paths, by tokens per expert (E=4, k=2): ~1-2 (dot-product form, weights
-    # streamed, K not blocked); ~14 (float32: the column form, 64-row panels of 128 k
-    # transposed, partial sums carried in the output; bfloat16: the dot-product form, K blocks
-    # of 512 with 16-lane partial sums carried); ~30 (the column form); ~150 (outer-product form:
-    # token blocks of 64 = 64 + 64 + 22, K blocks of 128 with partial sums carried, 6-row
-    # weight tiles); ~550 (the FFN's token blocks of 256, each with its own prepared-tokens
-    # key, the last of ~38 tokens). H and I leave
-    # tails of every K step and block (1100 = 2*512 + 76 = 8*128 + 76, 531 = 512 + 19 =
-    # 4*128 + 19) and of the 6-row tiles (531 = 88*6 + 3, 1100 = 183*6 + 2).
+    # streamed, K not blocked); ~14 (float32: the phase form, K blocks of 256; bfloat16: the
+    # dot-product form, K blocks of 512 with 16-lane partial sums carried); ~30 (the phase form,
+    # one tile of up to 6 vectors of 4 tokens, the last vector partial); ~37 (the phase form
+    # with two token tiles and K blocks of 128); ~150 (outer-product form: token blocks of 64 =
+    # 64 + 64 + 22, K blocks of 128 with partial sums carried, 6-row weight tiles); ~550 (the
+    # FFN's token blocks of 256, each with its own prepared-tokens key, the last of ~38
+    # tokens). H and I leave tails of every K step and block (1100 = 2*512 + 76 = 4*256 + 76 =
+    # 8*128 + 76, 531 = 512 + 19 = 2*256 + 19 = 4*128 + 19 = 132*4 + 3) and of the weight-row
+    # tiles (531 = 88*6 + 3 = 44*12 + 3, 1100 = 183*6 + 2 = 91*12 + 8).
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=1100, I=531, bias=True)
     p = random_layer_params(layer, rng(40))
     if wdtype != "float32":
@@ -453,14 +454,15 @@ def test_moe_repeated_calls_see_new_tokens(wdtype, T):
         np.testing.assert_allclose(y, moe_forward(x, layer, p), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("wdtype,T", [("float32", 8), ("float32", 12), ("float32", 20),
-                                      ("float32", 31), ("bfloat16", 20), ("bfloat16", 39)])
-def test_moe_token_result_does_not_depend_on_expert_load(wdtype, T):
-    # An expert with 8-31 tokens (bfloat16 weights: 20-39) runs the column form, one with 64
-    # the outer form; both add each output's products in increasing k, one FMA each (bf16
-    # weights widened exactly), so a token's result is the same bits either way. Every token
-    # goes to experts 0 and 1 (zero router weights); I = 150 and H = 200 leave partial
-    # 16-column vectors and partial K blocks.
+@pytest.mark.parametrize("wdtype,T,more", [
+    ("float32", 8, 39), ("float32", 21, 36), ("bfloat16", 16, 39), ("bfloat16", 27, 35),
+    ("float32", 40, 64), ("bfloat16", 45, 64)])
+def test_moe_token_result_does_not_depend_on_expert_load(wdtype, T, more):
+    # Within one GEMM form's range (the phase form: float32 8-39 tokens, bfloat16 16-39; the
+    # outer form from 40, 45 = 32 + 13 leaving a partial vector) a token's result is the same
+    # bits whether its expert gets T tokens or `more`: the sums' order depends on neither the
+    # tiles nor the blocks. Every token goes to experts 0 and 1 (zero router weights); I = 150
+    # and H = 200 leave partial weight-row tiles, token vectors and K blocks.
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=200, I=150, bias=True)
     p = random_layer_params(layer, rng(46))
     for d in p.experts:
@@ -470,7 +472,7 @@ def test_moe_token_result_does_not_depend_on_expert_load(wdtype, T):
     if p.router_bias is not None:
         p.router_bias[:] = 0.0
     sess = session(moe_model(layer, p, "float32", wdtype))
-    x = rng(47).standard_normal((64, 200)).astype(np.float32)
+    x = rng(47).standard_normal((more, 200)).astype(np.float32)
     full = sess.run(None, {"hidden_states": x})[0]
     part = sess.run(None, {"hidden_states": x[:T]})[0]
     np.testing.assert_allclose(part, moe_forward(x[:T], layer, p), rtol=2e-5, atol=2e-5)

@@ -2,10 +2,10 @@
 // -mavx512f -mavx512bw -mfma; used only when the CPU has them, see gemm.cpp, which sends float16
 // weights to the AVX2 kernel).
 //
-// Three forms, chosen by the number of tokens M and the weight type (col_min_m, outer_min_m),
+// Three forms, chosen by the number of tokens M and the weight type (phase_min_m, kOuterMinM),
 // never by the thread count:
 //
-// Dot-product form (fewer than col_min_m tokens): A (tokens [M, K], float32) and B (weights
+// Dot-product form (fewer than phase_min_m tokens): A (tokens [M, K], float32) and B (weights
 // [N, K], the torch layout) are both read along K, so the weights are never packed or
 // transposed and every weight byte is read from memory once per block of kMC tokens. A
 // register tile of MR x NR accumulators of 16 lanes runs along K. Numerics: lane l of an
@@ -15,30 +15,31 @@
 // not depend on the blocking or on the thread count.
 //
 // Blocking: up to kStreamM tokens, no K blocking (each weight row streams once, front to back);
-// above (bfloat16 only: float32 takes the column form from kColMinMF32 = kStreamM tokens), K
+// above (bfloat16 only: float32 takes the phase form from kPhaseMinMF32 = kStreamM tokens), K
 // blocks of kKC so that the A block (kMC x kKC floats, L2) is reused by every NR-row weight
 // panel (NR x kKC, read in place), partial sums in a per-thread buffer. While the token tiles
 // run over one weight panel, the next one is prefetched into L2.
 // Each 16-lane FMA of this form reads two full vectors, so with the token rows coming from L2 it
 // reached only ~110 GFLOP/s per core (~190 on L1-resident data).
 //
-// Outer-product form (M >= outer_min_m): tokens are packed k-major in blocks of 64 (4 vectors,
+// Phase form (phase_min_m <= M < kOuterMinM: float32 8-39 tokens, bfloat16 16-39): see
+// gemm_phase. A vector holds 4 tokens x 4 consecutive k, so each weight row's 4 k are one
+// broadcast load from the torch-layout row; every output is four float32 sums, one per k mod 4,
+// added in a fixed order at the end.
+//
+// Outer-product form (M >= kOuterMinM): tokens are packed k-major in blocks of 64 (4 vectors,
 // 32 KiB per K block of 128: L1), weights are broadcast one element at a time from their
 // torch-layout rows (bfloat16 rows are first widened exactly, 6 rows x 128 k at a time, into an
 // L1 buffer), 6 rows x 64 tokens of accumulators; each output is a plain float32 sum over k in
 // increasing order (one FMA per k), then the bias. Measured 1.25-1.5x the dot form from 48
-// tokens on. A token's result can differ in the last bits between an expert that received
-// fewer than col_min_m tokens and one that received more (both deterministic).
-// The last 1-7 tokens past a multiple of 16 take the dot form (a vector of 16 token lanes would
-// hold mostly zeros), so which form a token gets also depends on its place in the block. The
-// tokens' packed forms are prepared once per call, or once per thread for all the calls that
-// pass the same key (gemm_nt_keyed, PreparedTokens).
+// tokens on. The last 1-7 tokens past a multiple of 16 take the dot form (a vector of 16 token
+// lanes would hold mostly zeros), so which form a token gets also depends on its place in the
+// block. The tokens' packed forms are prepared once per call, or once per thread for all the
+// calls that pass the same key (gemm_nt_keyed, PreparedTokens).
 //
-// Column form (col_min_m <= M < outer_min_m: float32 8-31 tokens, bfloat16 20-39): see
-// gemm_cols. Vectors over weight rows, tokens broadcast, each panel of 64 weight rows x 128 k
-// transposed (bfloat16: widened exactly) once into L1; every output is the same float32 sum
-// over k in increasing order as in the outer form, so a token's result does not change when
-// its expert gets that many tokens rather than more.
+// The three forms add a token's products in different orders, so its result can differ in the
+// last bits between experts that received a number of tokens in different forms' ranges (all
+// deterministic; within a form's range it does not depend on the count).
 //
 // bfloat16 weights: one 64-byte load holds 32 weights; a shift and a mask turn it into the
 // float32 weights of the even and the odd k, with no shuffle. The tokens of each K block are
@@ -64,22 +65,15 @@ constexpr int64_t kNC = 64;      // weight rows per block
 constexpr int64_t kKC = 512;     // K per block (a multiple of 32)
 constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not blocked
 // From this many tokens on: the outer-product form below. Measured on M x 1408 x 2048, one core:
-// bfloat16 weights 1.1x the dot form at 40, 1.15-1.25x at 64, 1.25-1.35x at 256 (below 40 the
-// dot form won when the weights come from memory: its rows need no widening; from 20 the
-// column form beats both). float32 weights: 1.3x at 48, 1.4x at 256; below 32 the column form
-// (from kColMinMF32 tokens) beats it: M x 11264 x 2048, weights from memory, one core: 1.1x
-// the dot form at 8, 1.15-1.24x at 12-20, 1.15x the outer form at 24, about even at 28; at 32
-// the outer form is 1.03x (1.13x on weights from cache).
-constexpr int64_t kOuterMinMBf16 = 40;
-constexpr int64_t kOuterMinMF32 = 32;
-// From this many tokens on (up to outer_min_m): the column form. bfloat16 weights, M x 11264 x
-// 2048 from memory, one core: about even with the dot form at 16 (below it the dot form wins,
-// 1.3-1.5x at 8-12), 1.05-1.15x at 24-36; MoE layer: deepseek bf16 T=256 (~24 tokens per
-// expert) 135-137 -> 130-132 ms, mixtral bf16 T=64 (~16) 47 -> 45-46.
-constexpr int64_t kColMinMF32 = 8;
-constexpr int64_t kColMinMBf16 = 20;
-inline int64_t outer_min_m(bool bf16) { return bf16 ? kOuterMinMBf16 : kOuterMinMF32; }
-inline int64_t col_min_m(bool bf16) { return bf16 ? kColMinMBf16 : kColMinMF32; }
+// bfloat16 weights 1.1x the dot form at 40, 1.15-1.25x at 64, 1.25-1.35x at 256. float32
+// weights: 1.3x at 48, 1.4x at 256. Below 40 the phase form beats it (M x 11264 x 2048, weights
+// from memory, one core: 1.05-1.13x at 32-36, about even at 40, 0.93-0.97x at 44-56).
+constexpr int64_t kOuterMinM = 40;
+// From this many tokens on (up to kOuterMinM): the phase form. Below 16 with bfloat16 weights
+// the dot form wins (1.0-1.15x at 8-12: its rows need no widening).
+constexpr int64_t kPhaseMinMF32 = 8;
+constexpr int64_t kPhaseMinMBf16 = 16;
+inline int64_t phase_min_m(bool bf16) { return bf16 ? kPhaseMinMBf16 : kPhaseMinMF32; }
 constexpr int64_t kOuterTailMax = 7;  // see gemm(): tokens past a multiple of 16 for the dot form
 
 // Sum of the 16 lanes in a fixed order: halves, quarters, pairs, then the last two.
@@ -410,9 +404,10 @@ OuterFn outer_fn(int nr, int nv) {
   }
 }
 
-// Rows [0, nr) x k [0, kc) of bfloat16 weights (row stride ldb) as float32 into W (stride
-// kOKC): exact, so the tile computes the same products as with float32 weights.
-void widen_rows(const uint16_t* B, int64_t ldb, int nr, int64_t kc, float* W) {
+// Rows [0, nr) x k [0, kc) of bfloat16 weights (row stride ldb) as float32 into W (row stride
+// ldw >= kc rounded up to 32): exact, so a tile computes the same products as with float32
+// weights.
+void widen_rows(const uint16_t* B, int64_t ldb, int nr, int64_t kc, float* W, int64_t ldw) {
   for (int r = 0; r < nr; ++r)
     for (int64_t k = 0; k < kc; k += 32) {
       const int64_t n = std::min<int64_t>(32, kc - k);
@@ -420,8 +415,8 @@ void widen_rows(const uint16_t* B, int64_t ldb, int nr, int64_t kc, float* W) {
       const __m512i x = _mm512_maskz_loadu_epi16(m, B + r * ldb + k);
       const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(x));
       const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1));
-      _mm512_store_si512(W + r * kOKC + k, _mm512_slli_epi32(lo, 16));
-      _mm512_store_si512(W + r * kOKC + k + 16, _mm512_slli_epi32(hi, 16));
+      _mm512_store_si512(W + r * ldw + k, _mm512_slli_epi32(lo, 16));
+      _mm512_store_si512(W + r * ldw + k + 16, _mm512_slli_epi32(hi, 16));
     }
 }
 
@@ -460,7 +455,7 @@ void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const f
         OuterArgs t;
         t.P = Pb;
         if (bf16) {
-          widen_rows(reinterpret_cast<const uint16_t*>(Bt), ldb, nr, kc, Wbuf);
+          widen_rows(reinterpret_cast<const uint16_t*>(Bt), ldb, nr, kc, Wbuf, kOKC);
           t.B = Wbuf;
           t.ldb = kOKC;
         } else {
@@ -494,175 +489,221 @@ void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const f
   }
 }
 
-// ----------------------------------------------------------------------------- column form
-// Vectors over weight rows (output columns), tokens broadcast: a panel of kCN weight rows x kCKC
-// k is transposed (bfloat16: widened exactly) into an L1 buffer Wt[k][kCN] once, then every
-// tile of up to kCMR tokens multiplies it: per k, kCN / 16 panel vectors and one broadcast per
-// token feed kCMR x kCN / 16 FMAs. No lane holds a missing token whatever M is (the tiles are
-// sized to M), the tokens are read in place (no packing) and the transposition costs one
-// shuffle per 4 weights. Each output is one float32 sum over k in increasing order (one FMA
-// per k, carried across K blocks in C itself), then the bias: the outer form's numbers exactly.
-constexpr int64_t kCN = 64;    // weight rows per panel (4 vectors)
-constexpr int64_t kCKC = 128;  // K per panel: kCKC x kCN floats = 32 KiB (L1)
-constexpr int kCMR = 6;        // most tokens per register tile (6 x 4 accumulators)
+// ----------------------------------------------------------------------------- phase form
+// float32 8-39 tokens, bfloat16 16-39. One vector holds 4 tokens x 4 consecutive k: lane
+// 4t + p is token t at k = 4s + p (step s). A weight row's 4 k of a step are then one 16-byte
+// broadcast load from its torch-layout row (no transposition, no shuffle), multiplied into
+// every token vector of the tile: NR rows x NV vectors of accumulators, NR x NV FMAs per step
+// for NR broadcasts and NV token loads. A vector is 4 tokens, so at most 3 lanes of a tile
+// hold a missing token. Each output is four float32 sums, one per phase p = k mod 4, each in
+// increasing k (one FMA per k, the partial vectors carried whole across K blocks), then
+// (p0 + p1) + (p2 + p3), then the bias: a token's result does not depend on how many tokens
+// share its expert within this form's range, nor on the blocking or the thread count.
+// Measured against the column form it replaced (64-row weight panels transposed into L1,
+// tokens broadcast: a shuffle per 4 weights on the port that also does half the FMAs), one
+// core, M x 11264 x 2048 from memory: float32 1.25-1.47x at 8-28 tokens, 1.05-1.13x at 32-36
+// (over the outer form); bfloat16 1.07x at 16 (over the dot form), 1.15-1.27x at 20-28.
+constexpr int64_t kPKC = 256;      // K per block with up to kPGSmall groups (tokens: L1)
+constexpr int64_t kPKCBig = 128;   // K per block with more
+constexpr int64_t kPGSmall = 8;
+constexpr int64_t kPGB = 16;       // groups (of 4 tokens) per token block
+constexpr int kPVMax = 6;          // most token vectors per tile
 
-// Weight rows [0, nr) x k [0, kc) (row stride ldb elements) as float32 into Wt[k * kCN + r];
-// the rows of a partial last vector (nr..) are zero. nr <= kCN, kc <= kCKC. float32 rows are
-// transposed exactly as the outer form packs its tokens (pack_tokens, the same 64-wide layout).
-static_assert(kCN == kOMB, "the column form's panel has the outer form's packed-token layout");
-void transpose_panel(bool bf16, const void* B, int64_t ldb, int nr, int64_t kc, float* Wt) {
-  if (!bf16) {
-    pack_tokens(static_cast<const float*>(B), ldb, nr, 0, kc, Wt);
-    return;
-  }
-  for (int r0 = 0; r0 < nr; r0 += 16) {
-    const int rows = std::min(16, nr - r0);
-    // bfloat16: one 64-byte load holds 32 k of a row; a shift gives the even k, a mask the odd
-    // ones (exact), and each half is transposed on its own.
-    const uint16_t* b = static_cast<const uint16_t*>(B) + r0 * ldb;
-    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    for (int64_t k = 0; k < kc; k += 32) {
-      const int64_t kn = std::min<int64_t>(32, kc - k);
-      const __mmask32 km = kn == 32 ? ~0u : static_cast<__mmask32>((1u << kn) - 1u);
-      __m512 ev[16], od[16];
-      for (int i = 0; i < 16; ++i) {
-        const __m512i x = i < rows ? _mm512_maskz_loadu_epi16(km, b + i * ldb + k)
-                                   : _mm512_setzero_si512();
-        ev[i] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-        od[i] = _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask));
+// Q[(s * G + g) * 16 + 4t + p] = A[4g + t, 4s + p], zeros past M and K; G = ceil(M / 4).
+int64_t phase_packed_size(int64_t M, int64_t K) { return (K + 3) / 4 * ((M + 3) / 4) * 16; }
+void pack_phase(const float* A, int64_t lda, int64_t M, int64_t K, float* Q) {
+  const int64_t G = (M + 3) / 4;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t k = 0; k < K; k += 16) {
+      const int64_t kn = std::min<int64_t>(16, K - k);
+      const __mmask16 km = static_cast<__mmask16>((1u << kn) - 1u);
+      __m512 r[4];
+      for (int t = 0; t < 4; ++t) {
+        const int64_t m = 4 * g + t;
+        r[t] = m < M ? _mm512_maskz_loadu_ps(km, A + m * lda + k) : _mm512_setzero_ps();
       }
-      transpose16(ev);
-      transpose16(od);
-      for (int64_t j = 0; 2 * j < kn; ++j) {
-        _mm512_store_ps(Wt + (k + 2 * j) * kCN + r0, ev[j]);
-        if (2 * j + 1 < kn) _mm512_store_ps(Wt + (k + 2 * j + 1) * kCN + r0, od[j]);
-      }
+      // 4 x 4 blocks of 4 k: vector j = the j-th 4 k of tokens 0-3.
+      const __m512 lo01 = _mm512_shuffle_f32x4(r[0], r[1], 0x44);
+      const __m512 hi01 = _mm512_shuffle_f32x4(r[0], r[1], 0xEE);
+      const __m512 lo23 = _mm512_shuffle_f32x4(r[2], r[3], 0x44);
+      const __m512 hi23 = _mm512_shuffle_f32x4(r[2], r[3], 0xEE);
+      const __m512 o[4] = {
+          _mm512_shuffle_f32x4(lo01, lo23, 0x88), _mm512_shuffle_f32x4(lo01, lo23, 0xDD),
+          _mm512_shuffle_f32x4(hi01, hi23, 0x88), _mm512_shuffle_f32x4(hi01, hi23, 0xDD)};
+      for (int64_t j = 0; 4 * j < kn; ++j) _mm512_store_ps(Q + ((k / 4 + j) * G + g) * 16, o[j]);
     }
-  }
 }
 
-struct ColArgs {
-  const float* A;      // the tile's first token row at the block's first k
-  int64_t lda;
-  const float* Wt;     // the transposed panel
-  int64_t kc;
-  float* C;            // the tile's first output (partial sums between K blocks)
-  int64_t ldc;
-  int ncols;           // valid columns of the panel (the last vector may be partial)
+struct PhaseArgs {
+  const float* Q;      // packed tokens at the block's first step, the tile's first group
+  int64_t G;           // groups per step (the stride of Q in vectors)
+  const float* B;      // first weight row of the tile at the block's first k (float32)
+  int64_t ldb;
+  int64_t kc;          // K of this block
+  float* S;            // partial vectors: S[(r * G + v) * 16]
   bool first, last;    // first / last K block
-  const float* bias;   // float32 bias of the panel's columns, or null
-  const char* pf;      // weight rows of the next block to prefetch (into L2), or null
+  float* C;            // C[token * ldc + row] of the tile's first token and row
+  int64_t ldc;
+  int mb;              // valid tokens of the tile
+  const float* bias;   // float32 bias of the tile's rows, or null
+  const char* pf;      // weight rows to prefetch (into L2), one line per row per 16 k, or null
   int64_t pf_ld;       // their stride in bytes
-  int64_t pf_bytes;    // bytes of each row in the next block
+  int64_t pf_step;     // bytes of a row per 16 k
   int pf_rows;
 };
 
-template <int MR, int NV>
-void col_tile(const ColArgs& t) {
-  __mmask16 mask[NV];
-  _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {
-    const int n = std::min(16, t.ncols - 16 * v);
-    mask[v] = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
-  }
-  __m512 acc[MR][NV];
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
-      acc[i][v] = t.first ? _mm512_setzero_ps()
-                          : _mm512_maskz_loadu_ps(mask[v], t.C + i * t.ldc + 16 * v);
-  const float* A = t.A;
-  const float* W = t.Wt;
-  for (int64_t k0 = 0; k0 < t.kc; k0 += 16) {
-    if (k0 * 4 < t.pf_bytes)  // one line of each of this tile's share of the next block's rows
-      for (int r = 0; r < t.pf_rows; ++r) _mm_prefetch(t.pf + r * t.pf_ld + k0 * 4, _MM_HINT_T1);
-    const int64_t k1 = std::min<int64_t>(k0 + 16, t.kc);
-    for (int64_t k = k0; k < k1; ++k) {
-      __m512 w[NV];
-      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) w[v] = _mm512_load_ps(W + k * kCN + 16 * v);
-      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-        const __m512 a = _mm512_set1_ps(A[i * t.lda + k]);
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
-          acc[i][v] = _mm512_fmadd_ps(a, w[v], acc[i][v]);
-      }
+// One step (4 k) of a tile; m masks the k past the end of the last block.
+template <int NR, int NV>
+__attribute__((always_inline)) inline void phase_step(__m512 (&acc)[NR][NV], const float* Q,
+                                                      const float* B, int64_t ldb, __mmask16 m) {
+  __m512 x[NV];
+  _Pragma("GCC unroll 6") for (int v = 0; v < NV; ++v) x[v] = _mm512_load_ps(Q + v * 16);
+  _Pragma("GCC unroll 12") for (int r = 0; r < NR; ++r) {
+    __m512 w;
+    if (m == 0xFFFF) {
+      w = _mm512_broadcast_f32x4(_mm_loadu_ps(B + r * ldb));
+    } else {
+      const __m512 z = _mm512_maskz_loadu_ps(m, B + r * ldb);
+      w = _mm512_shuffle_f32x4(z, z, 0);
     }
+    _Pragma("GCC unroll 6") for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x[v], w, acc[r][v]);
   }
-  if (t.last && t.bias)
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
-        acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mask[v], t.bias + 16 * v));
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_ps(t.C + i * t.ldc + 16 * v, mask[v], acc[i][v]);
 }
 
-using ColFn = void (*)(const ColArgs&);
-template <int MR>
-ColFn col_for(int nv) {
+template <int NR, int NV>
+void phase_tile(const PhaseArgs& t) {
+  __m512 acc[NR][NV];
+  _Pragma("GCC unroll 12") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 6") for (int v = 0; v < NV; ++v)
+      acc[r][v] = t.first ? _mm512_setzero_ps() : _mm512_load_ps(t.S + (r * t.G + v) * 16);
+  const float* Q = t.Q;
+  const float* B = t.B;
+  const int64_t steps = t.kc / 4, stride = t.G * 16;
+  int64_t s = 0;
+  for (; s + 4 <= steps; s += 4) {
+    for (int r = 0; r < t.pf_rows; ++r)
+      _mm_prefetch(t.pf + r * t.pf_ld + s / 4 * t.pf_step, _MM_HINT_T1);
+    _Pragma("GCC unroll 4") for (int u = 0; u < 4; ++u)
+      phase_step<NR, NV>(acc, Q + (s + u) * stride, B + 4 * (s + u), t.ldb, 0xFFFF);
+  }
+  for (; s < steps; ++s) phase_step<NR, NV>(acc, Q + s * stride, B + 4 * s, t.ldb, 0xFFFF);
+  if (4 * steps < t.kc)  // zeros in both operands past the end: the products add +0
+    phase_step<NR, NV>(acc, Q + steps * stride, B + 4 * steps, t.ldb,
+                       static_cast<__mmask16>((1u << (t.kc - 4 * steps)) - 1u));
+  if (!t.last) {
+    _Pragma("GCC unroll 12") for (int r = 0; r < NR; ++r)
+      _Pragma("GCC unroll 6") for (int v = 0; v < NV; ++v)
+        _mm512_store_ps(t.S + (r * t.G + v) * 16, acc[r][v]);
+    return;
+  }
+  alignas(64) float o[NR][NV * 16];
+  _Pragma("GCC unroll 12") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 6") for (int v = 0; v < NV; ++v) {
+      const __m512 a = acc[r][v];
+      const __m512 pairs = _mm512_add_ps(a, _mm512_permute_ps(a, 0xB1));        // p0+p1, p2+p3
+      const __m512 all = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0x4E));  // lane 4t
+      _mm512_store_ps(o[r] + v * 16, all);
+    }
+  for (int m = 0; m < t.mb; ++m)
+    for (int r = 0; r < NR; ++r) t.C[m * t.ldc + r] = t.bias ? o[r][4 * m] + t.bias[r] : o[r][4 * m];
+}
+
+using PhaseFn = void (*)(const PhaseArgs&);
+template <int NV>
+PhaseFn phase_for(int nr) {
+  switch (nr) {
+    case 12: return phase_tile<12, NV>;
+    case 8: return phase_tile<8, NV>;
+    case 6: return phase_tile<6, NV>;
+    case 4: return phase_tile<4, NV>;
+    case 3: return phase_tile<3, NV>;
+    case 2: return phase_tile<2, NV>;
+    default: return phase_tile<1, NV>;
+  }
+}
+PhaseFn phase_fn(int nr, int nv) {
   switch (nv) {
-    case 4: return col_tile<MR, 4>;
-    case 3: return col_tile<MR, 3>;
-    case 2: return col_tile<MR, 2>;
-    default: return col_tile<MR, 1>;
+    case 6: return phase_for<6>(nr);
+    case 5: return phase_for<5>(nr);
+    case 4: return phase_for<4>(nr);
+    case 3: return phase_for<3>(nr);
+    case 2: return phase_for<2>(nr);
+    default: return phase_for<1>(nr);
   }
 }
-ColFn col_fn(int mr, int nv) {
-  switch (mr) {
-    case 6: return col_for<6>(nv);
-    case 5: return col_for<5>(nv);
-    case 4: return col_for<4>(nv);
-    case 3: return col_for<3>(nv);
-    case 2: return col_for<2>(nv);
-    default: return col_for<1>(nv);
-  }
+// Weight rows per tile of nv token vectors: nr x nv accumulators, nv token vectors and a
+// broadcast in the 32 registers (4 x 6 leaves one spill per 2 steps; 5 rows would spill more).
+inline int phase_rows(int nv) {
+  static const int rows[kPVMax + 1] = {0, 12, 12, 8, 6, 4, 4};
+  return rows[nv];
+}
+// The widest instantiated tile height <= both.
+inline int phase_height(int64_t left, int widest) {
+  for (int h : {12, 8, 6, 4, 3, 2})
+    if (h <= widest && h <= left) return h;
+  return 1;
 }
 
-// C[m, n] for n in [n0, n1): panels of kCN weight rows, their K blocks in order (each row is
-// read front to back), every token tile per block. While the tiles run over one block, the next
-// block's rows are prefetched, shared out among the tiles. Tiles are sized evenly (16 tokens:
-// 5, 5, 6), so none runs with a handful of accumulators.
-void gemm_cols(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A,
-               int64_t lda, const void* B, int64_t ldb, const float* bias, float* C,
-               int64_t ldc, float* Wt) {
-  const int64_t esz = bf16 ? 2 : 4, ntile = (M + kCMR - 1) / kCMR;
+// C[m, n] for n in [n0, n1) from the packed tokens Q (pack_phase): K blocks outer (each weight
+// block is read from memory once), token blocks of up to kPGB groups, weight-row tiles (bfloat16
+// rows widened exactly into Wbuf first), then the block's token tiles, sized evenly.
+void gemm_phase(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* Q,
+                const void* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
+                float* Sbuf, float* Wbuf) {
+  const int64_t N = n1 - n0, G = (M + 3) / 4, esz = bf16 ? 2 : 4;
+  const int64_t KC = G <= kPGSmall ? kPKC : kPKCBig;
+  const int first_rows = phase_rows(static_cast<int>(std::min<int64_t>(G, kPVMax)));
   const char* Bc = static_cast<const char*>(B);
-  for (int64_t p0 = n0; p0 < n1; p0 += kCN) {
-    const int nr = static_cast<int>(std::min(kCN, n1 - p0));
-    const int nv = (nr + 15) / 16;
-    for (int64_t k0 = 0; k0 < K; k0 += kCKC) {
-      const int64_t kc = std::min(kCKC, K - k0);
-      transpose_panel(bf16, Bc + (p0 * ldb + k0) * esz, ldb, nr, kc, Wt);
-      const char* pf = nullptr;
-      int pf_n = 0;
-      int64_t pf_bytes = 0;
-      if (k0 + kc < K) {
-        pf = Bc + (p0 * ldb + k0 + kc) * esz;
-        pf_n = nr;
-        pf_bytes = std::min(kCKC, K - k0 - kc) * esz;
-      } else if (p0 + kCN < n1) {
-        pf = Bc + (p0 + kCN) * ldb * esz;
-        pf_n = static_cast<int>(std::min(kCN, n1 - p0 - kCN));
-        pf_bytes = std::min(kCKC, K) * esz;
-      }
-      for (int64_t ti = 0, m0 = 0; ti < ntile; ++ti) {
-        const int64_t m1 = (ti + 1) * M / ntile;
-        const int r0 = static_cast<int>(ti * pf_n / ntile);
-        const int r1 = static_cast<int>((ti + 1) * pf_n / ntile);
-        ColArgs t;
-        t.A = A + m0 * lda + k0;
-        t.lda = lda;
-        t.Wt = Wt;
-        t.kc = kc;
-        t.C = C + m0 * ldc + (p0 - n0);
-        t.ldc = ldc;
-        t.ncols = nr;
-        t.first = k0 == 0;
-        t.last = k0 + kc == K;
-        t.bias = bias ? bias + (p0 - n0) : nullptr;
-        t.pf = pf ? pf + r0 * ldb * esz : nullptr;
-        t.pf_ld = ldb * esz;
-        t.pf_bytes = pf_bytes;
-        t.pf_rows = r1 - r0;
-        col_fn(static_cast<int>(m1 - m0), nv)(t);
-        m0 = m1;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    for (int64_t gb0 = 0; gb0 < G; gb0 += kPGB) {
+      const int64_t gbn = std::min(kPGB, G - gb0);
+      const int64_t ntile = (gbn + kPVMax - 1) / kPVMax;
+      const int NR = phase_rows(static_cast<int>((gbn + ntile - 1) / ntile));
+      for (int64_t j = 0; j < N;) {
+        const int nr = phase_height(N - j, NR);
+        const char* Bt = Bc + ((n0 + j) * ldb + k0) * esz;
+        const float* Bf = reinterpret_cast<const float*>(Bt);
+        int64_t ldbf = ldb;
+        if (bf16) {
+          widen_rows(reinterpret_cast<const uint16_t*>(Bt), ldb, nr, kc, Wbuf, kPKC);
+          Bf = Wbuf;
+          ldbf = kPKC;
+        }
+        // The first token block brings the weight rows in: prefetch the next tile's.
+        const char* pf = nullptr;
+        int pf_rows = 0;
+        if (gb0 == 0) {
+          if (j + nr < N) {
+            pf = Bc + ((n0 + j + nr) * ldb + k0) * esz;
+            pf_rows = phase_height(N - j - nr, NR);
+          } else if (k0 + kc < K) {
+            pf = Bc + (n0 * ldb + k0 + kc) * esz;
+            pf_rows = phase_height(N, first_rows);
+          }
+        }
+        for (int64_t i = 0; i < ntile; ++i) {
+          const int64_t g0 = gb0 + i * gbn / ntile, g1 = gb0 + (i + 1) * gbn / ntile;
+          PhaseArgs t;
+          t.Q = Q + (k0 / 4 * G + g0) * 16;
+          t.G = G;
+          t.B = Bf;
+          t.ldb = ldbf;
+          t.kc = kc;
+          t.S = Sbuf + (j * G + g0) * 16;
+          t.first = k0 == 0;
+          t.last = k0 + kc == K;
+          t.C = C + 4 * g0 * ldc + n0 + j;
+          t.ldc = ldc;
+          t.mb = static_cast<int>(std::min(4 * g1, M) - 4 * g0);
+          t.bias = bias ? bias + j : nullptr;
+          t.pf = i == 0 ? pf : nullptr;
+          t.pf_ld = ldb * esz;
+          t.pf_step = 16 * esz;
+          t.pf_rows = i == 0 ? pf_rows : 0;
+          phase_fn(nr, static_cast<int>(g1 - g0))(t);
+        }
+        j += nr;
       }
     }
   }
@@ -674,7 +715,7 @@ void gemm_cols(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const fl
 // once per thread instead of once per call (the MoE FFN multiplies each expert's token block by
 // I / 128 gate, I / 128 up and H / 128 down weight blocks; re-packing them was ~9% of the
 // outer form's time at deepseek T=1024).
-enum class Form { Outer, EvenOdd };
+enum class Form { Outer, EvenOdd, Phase };
 class PreparedTokens {
  public:
   template <class Prepare>
@@ -714,23 +755,26 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       }
     return;
   }
-  if (M >= col_min_m(bf16) && M < outer_min_m(bf16)) {
+  if (M >= phase_min_m(bf16) && M < kOuterMinM) {
     const float* fb = nullptr;
     if (bias) {
       float* f = Fbuf.get(n1 - n0);
       to_float(static_cast<const char*>(bias) + n0 * esz, bt, static_cast<size_t>(n1 - n0), f);
       fb = f;
     }
-    gemm_cols(bf16, M, n0, n1, K, A, lda, B, ldb, fb, C + n0, ldc, Wbuf.get(kCKC * kCN));
+    const float* Q = slot.get(a_key, Form::Phase, A, lda, M, K, phase_packed_size(M, K),
+                              [&](float* p) { pack_phase(A, lda, M, K, p); });
+    gemm_phase(bf16, M, n0, n1, K, Q, B, ldb, fb, C, ldc, Sbuf.get((n1 - n0) * ((M + 3) / 4) * 16),
+               Wbuf.get(12 * kPKC));
     return;
   }
-  if (M >= outer_min_m(bf16)) {
+  if (M >= kOuterMinM) {
     // The last 1-kOuterTailMax tokens past a multiple of 16 would fill one vector of every
     // outer tile mostly with zeros (65 tokens: 5 vectors for 65): the dot form takes them, reading
     // the weight block again from L2. Measured on 65-106 x 128 x 2048, one core: 1.03-1.3x at
     // 1-7 such tokens (1.3x at 65, 1.17x at 68), about even at 8 (so not taken).
     const int64_t r = M % 16;
-    if (r >= 1 && r <= kOuterTailMax && M - r >= outer_min_m(bf16)) {
+    if (r >= 1 && r <= kOuterTailMax && M - r >= kOuterMinM) {
       gemm(bf16, M - r, n0, n1, K, A, lda, B, ldb, bias, C, ldc, a_key);
       gemm(bf16, r, n0, n1, K, A + (M - r) * lda, lda, B, ldb, bias, C + (M - r) * ldc, ldc, 0);
       return;
