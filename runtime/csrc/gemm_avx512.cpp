@@ -69,8 +69,9 @@ constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not b
 // weights: 1.3x at 48, 1.4x at 256. Below 40 the phase form beats it (M x 11264 x 2048, weights
 // from memory, one core: 1.05-1.13x at 32-36, about even at 40, 0.93-0.97x at 44-56).
 constexpr int64_t kOuterMinM = 40;
-// From this many tokens on (up to kOuterMinM): the phase form. Below 16 with bfloat16 weights
-// the dot form wins (1.0-1.15x at 8-12: its rows need no widening).
+// From this many tokens on (up to kOuterMinM): the phase form. bfloat16 weights below 16 stay
+// with the dot form, whose rows need no widening: 1.15x the phase form at 8, within +-12%
+// either way at 10-14, and even on the mixtral layer (T=48, 64) with the phase form from 10 or 12.
 constexpr int64_t kPhaseMinMF32 = 8;
 constexpr int64_t kPhaseMinMBf16 = 16;
 inline int64_t phase_min_m(bool bf16) { return bf16 ? kPhaseMinMBf16 : kPhaseMinMF32; }
