@@ -507,8 +507,8 @@ void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const f
 constexpr int64_t kPKC = 256;      // K per block with up to kPGSmall groups (tokens: L1)
 constexpr int64_t kPKCBig = 128;   // K per block with more
 constexpr int64_t kPGSmall = 8;
-constexpr int64_t kPGB = 16;       // groups (of 4 tokens) per token block
 constexpr int kPVMax = 6;          // most token vectors per tile
+constexpr int kPRMax = 12;         // most weight rows per tile
 
 // Q[(s * G + g) * 16 + 4t + p] = A[4g + t, 4s + p], zeros past M and K; G = ceil(M / 4).
 int64_t phase_packed_size(int64_t M, int64_t K) { return (K + 3) / 4 * ((M + 3) / 4) * 16; }
@@ -613,7 +613,7 @@ using PhaseFn = void (*)(const PhaseArgs&);
 template <int NV>
 PhaseFn phase_for(int nr) {
   switch (nr) {
-    case 12: return phase_tile<12, NV>;
+    case kPRMax: return phase_tile<kPRMax, NV>;
     case 8: return phase_tile<8, NV>;
     case 6: return phase_tile<6, NV>;
     case 4: return phase_tile<4, NV>;
@@ -635,77 +635,72 @@ PhaseFn phase_fn(int nr, int nv) {
 // Weight rows per tile of nv token vectors: nr x nv accumulators, nv token vectors and a
 // broadcast in the 32 registers (4 x 6 leaves one spill per 2 steps; 5 rows would spill more).
 inline int phase_rows(int nv) {
-  static const int rows[kPVMax + 1] = {0, 12, 12, 8, 6, 4, 4};
+  static const int rows[kPVMax + 1] = {0, kPRMax, kPRMax, 8, 6, 4, 4};
   return rows[nv];
 }
 // The widest instantiated tile height <= both.
 inline int phase_height(int64_t left, int widest) {
-  for (int h : {12, 8, 6, 4, 3, 2})
+  for (int h : {kPRMax, 8, 6, 4, 3, 2})
     if (h <= widest && h <= left) return h;
   return 1;
 }
 
-// C[m, n] for n in [n0, n1) from the packed tokens Q (pack_phase): K blocks outer (each weight
-// block is read from memory once), token blocks of up to kPGB groups, weight-row tiles (bfloat16
-// rows widened exactly into Wbuf first), then the block's token tiles, sized evenly.
+// C[m, n] for n in [n0, n1) from the packed tokens Q (pack_phase; fewer than kOuterMinM tokens,
+// so all in one token block): K blocks outer (each weight block is read from memory once),
+// weight-row tiles (bfloat16 rows widened exactly into Wbuf first), then the token tiles, sized
+// evenly (7 groups: 4 + 3).
 void gemm_phase(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* Q,
                 const void* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
                 float* Sbuf, float* Wbuf) {
   const int64_t N = n1 - n0, G = (M + 3) / 4, esz = bf16 ? 2 : 4;
   const int64_t KC = G <= kPGSmall ? kPKC : kPKCBig;
-  const int first_rows = phase_rows(static_cast<int>(std::min<int64_t>(G, kPVMax)));
+  const int64_t ntile = (G + kPVMax - 1) / kPVMax;
+  const int NR = phase_rows(static_cast<int>((G + ntile - 1) / ntile));
   const char* Bc = static_cast<const char*>(B);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
-    for (int64_t gb0 = 0; gb0 < G; gb0 += kPGB) {
-      const int64_t gbn = std::min(kPGB, G - gb0);
-      const int64_t ntile = (gbn + kPVMax - 1) / kPVMax;
-      const int NR = phase_rows(static_cast<int>((gbn + ntile - 1) / ntile));
-      for (int64_t j = 0; j < N;) {
-        const int nr = phase_height(N - j, NR);
-        const char* Bt = Bc + ((n0 + j) * ldb + k0) * esz;
-        const float* Bf = reinterpret_cast<const float*>(Bt);
-        int64_t ldbf = ldb;
-        if (bf16) {
-          widen_rows(reinterpret_cast<const uint16_t*>(Bt), ldb, nr, kc, Wbuf, kPKC);
-          Bf = Wbuf;
-          ldbf = kPKC;
-        }
-        // The first token block brings the weight rows in: prefetch the next tile's.
-        const char* pf = nullptr;
-        int pf_rows = 0;
-        if (gb0 == 0) {
-          if (j + nr < N) {
-            pf = Bc + ((n0 + j + nr) * ldb + k0) * esz;
-            pf_rows = phase_height(N - j - nr, NR);
-          } else if (k0 + kc < K) {
-            pf = Bc + (n0 * ldb + k0 + kc) * esz;
-            pf_rows = phase_height(N, first_rows);
-          }
-        }
-        for (int64_t i = 0; i < ntile; ++i) {
-          const int64_t g0 = gb0 + i * gbn / ntile, g1 = gb0 + (i + 1) * gbn / ntile;
-          PhaseArgs t;
-          t.Q = Q + (k0 / 4 * G + g0) * 16;
-          t.G = G;
-          t.B = Bf;
-          t.ldb = ldbf;
-          t.kc = kc;
-          t.S = Sbuf + (j * G + g0) * 16;
-          t.first = k0 == 0;
-          t.last = k0 + kc == K;
-          t.C = C + 4 * g0 * ldc + n0 + j;
-          t.ldc = ldc;
-          t.mb = static_cast<int>(std::min(4 * g1, M) - 4 * g0);
-          t.bias = bias ? bias + j : nullptr;
-          t.pf = i == 0 ? pf : nullptr;
-          t.pf_ld = ldb * esz;
-          t.pf_step = 16 * esz;
-          t.pf_rows = i == 0 ? pf_rows : 0;
-          phase_fn(nr, static_cast<int>(g1 - g0))(t);
-        }
-        j += nr;
+    for (int64_t j = 0; j < N;) {
+      const int nr = phase_height(N - j, NR);
+      const char* Bt = Bc + ((n0 + j) * ldb + k0) * esz;
+      const float* Bf = reinterpret_cast<const float*>(Bt);
+      int64_t ldbf = ldb;
+      if (bf16) {
+        widen_rows(reinterpret_cast<const uint16_t*>(Bt), ldb, nr, kc, Wbuf, kPKC);
+        Bf = Wbuf;
+        ldbf = kPKC;
       }
+      // While the first token tile runs, the next weight-row tile is prefetched.
+      const char* pf = nullptr;
+      int pf_rows = 0;
+      if (j + nr < N) {
+        pf = Bc + ((n0 + j + nr) * ldb + k0) * esz;
+        pf_rows = phase_height(N - j - nr, NR);
+      } else if (k0 + kc < K) {
+        pf = Bc + (n0 * ldb + k0 + kc) * esz;
+        pf_rows = phase_height(N, NR);
+      }
+      for (int64_t i = 0; i < ntile; ++i) {
+        const int64_t g0 = i * G / ntile, g1 = (i + 1) * G / ntile;
+        PhaseArgs t;
+        t.Q = Q + (k0 / 4 * G + g0) * 16;
+        t.G = G;
+        t.B = Bf;
+        t.ldb = ldbf;
+        t.kc = kc;
+        t.S = Sbuf + (j * G + g0) * 16;
+        t.first = k0 == 0;
+        t.last = k0 + kc == K;
+        t.C = C + 4 * g0 * ldc + n0 + j;
+        t.ldc = ldc;
+        t.mb = static_cast<int>(std::min(4 * g1, M) - 4 * g0);
+        t.bias = bias ? bias + j : nullptr;
+        t.pf = i == 0 ? pf : nullptr;
+        t.pf_ld = ldb * esz;
+        t.pf_step = 16 * esz;
+        t.pf_rows = i == 0 ? pf_rows : 0;
+        phase_fn(nr, static_cast<int>(g1 - g0))(t);
+      }
+      j += nr;
     }
   }
 }
@@ -739,6 +734,14 @@ class PreparedTokens {
   Buffer buf_;
 };
 
+// Bias elements [n0, n0 + n) as float32 (the tiles add float32 biases), in buf; null for none.
+const float* float_bias(const void* bias, DType bt, int64_t n0, int64_t n, Buffer& buf) {
+  if (!bias) return nullptr;
+  float* f = buf.get(n);
+  to_float(static_cast<const char*>(bias) + n0 * dtype_size(bt), bt, static_cast<size_t>(n), f);
+  return f;
+}
+
 void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
           const void* B, int64_t ldb, const void* bias, float* C, int64_t ldc, uint64_t a_key) {
   thread_local Buffer Sbuf, Fbuf, Wbuf;
@@ -757,16 +760,11 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
     return;
   }
   if (M >= phase_min_m(bf16) && M < kOuterMinM) {
-    const float* fb = nullptr;
-    if (bias) {
-      float* f = Fbuf.get(n1 - n0);
-      to_float(static_cast<const char*>(bias) + n0 * esz, bt, static_cast<size_t>(n1 - n0), f);
-      fb = f;
-    }
+    const float* fb = float_bias(bias, bt, n0, n1 - n0, Fbuf);
     const float* Q = slot.get(a_key, Form::Phase, A, lda, M, K, phase_packed_size(M, K),
                               [&](float* p) { pack_phase(A, lda, M, K, p); });
     gemm_phase(bf16, M, n0, n1, K, Q, B, ldb, fb, C, ldc, Sbuf.get((n1 - n0) * ((M + 3) / 4) * 16),
-               Wbuf.get(12 * kPKC));
+               Wbuf.get(kPRMax * kPKC));
     return;
   }
   if (M >= kOuterMinM) {
@@ -780,12 +778,7 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       gemm(bf16, r, n0, n1, K, A + (M - r) * lda, lda, B, ldb, bias, C + (M - r) * ldc, ldc, 0);
       return;
     }
-    const float* fb = nullptr;
-    if (bias) {
-      float* f = Fbuf.get(n1 - n0);
-      to_float(static_cast<const char*>(bias) + n0 * esz, bt, static_cast<size_t>(n1 - n0), f);
-      fb = f;
-    }
+    const float* fb = float_bias(bias, bt, n0, n1 - n0, Fbuf);
     const int64_t nmb = (M + kOMB - 1) / kOMB;
     const float* P = slot.get(a_key, Form::Outer, A, lda, M, K, outer_packed_size(M, K),
                                   [&](float* p) { pack_outer(A, lda, M, K, p); });
@@ -807,12 +800,7 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
     float* S = blocked ? Sbuf.get(kMC * kNC * 16) : nullptr;
     for (int64_t nc0 = n0; nc0 < n1; nc0 += kNC) {
       const int64_t nb = std::min(kNC, n1 - nc0);
-      const float* fb = nullptr;
-      if (bias) {
-        float* f = Fbuf.get(nb);
-        to_float(static_cast<const char*>(bias) + nc0 * esz, bt, static_cast<size_t>(nb), f);
-        fb = f;
-      }
+      const float* fb = float_bias(bias, bt, nc0, nb, Fbuf);
       for (int64_t k0 = 0; k0 < K; k0 += kcb) {
         const int64_t kc = std::min(kcb, K - k0);
         const float* Ab = bf16 ? EO + m0 * ldf + k0 : A + m0 * lda + k0;
