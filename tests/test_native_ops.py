@@ -414,13 +414,14 @@ def test_moe_gemm_blocks_and_tails(wdtype, T):
     # The CPU GEMM's paths, by tokens per expert (E=4, k=2): ~1-2 (dot-product form, weights
     # streamed, K not blocked); ~14 (float32: the phase form, K blocks of 256; bfloat16: the
     # dot-product form, K blocks of 512 with 16-lane partial sums carried); ~30 (the phase form,
-    # one tile of up to 6 vectors of 4 tokens, the last vector partial); ~37 (the phase form
-    # with two token tiles and K blocks of 128); ~150 (outer-product form: token blocks of 64 =
-    # 64 + 64 + 22, K blocks of 128 with partial sums carried, 6-row weight tiles); ~550 (the
-    # FFN's token blocks of 256, each with its own prepared-tokens key, the last of ~38
-    # tokens). H and I leave tails of every K step and block (1100 = 2*512 + 76 = 4*256 + 76 =
-    # 8*128 + 76, 531 = 512 + 19 = 2*256 + 19 = 4*128 + 19 = 132*4 + 3) and of the weight-row
-    # tiles (531 = 88*6 + 3 = 44*12 + 3, 1100 = 183*6 + 2 = 91*12 + 8).
+    # up to 6 vectors of 4 tokens in one or two token tiles, the last vector partial; K blocks
+    # of 256, bfloat16 of 512); ~37 (the phase form with two token tiles); ~150 (outer-product
+    # form: token blocks of 64 = 64 + 64 + 22, K blocks of 128 with partial sums carried, 6-row
+    # weight tiles); ~550 (the FFN's token blocks of 256, each with its own prepared-tokens
+    # key, the last of ~38 tokens). H and I leave tails of every K step and block (1100 =
+    # 2*512 + 76 = 4*256 + 76 = 8*128 + 76, 531 = 512 + 19 = 2*256 + 19 = 4*128 + 19 =
+    # 132*4 + 3) and of the weight-row tiles (531 = 88*6 + 3 = 44*12 + 3, 1100 = 183*6 + 2 =
+    # 91*12 + 8).
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=1100, I=531, bias=True)
     p = random_layer_params(layer, rng(40))
     if wdtype != "float32":
@@ -462,8 +463,9 @@ def test_moe_token_result_does_not_depend_on_expert_load(wdtype, T, more):
     # outer form from 40, 45 = 32 + 13 leaving a partial vector) a token's result is the same
     # bits whether its expert gets T tokens or `more`: the sums' order depends on neither the
     # tiles nor the blocks. Every token goes to experts 0 and 1 (zero router weights); I = 150
-    # and H = 200 leave partial weight-row tiles, token vectors and K blocks.
-    layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=200, I=150, bias=True)
+    # and H = 600 (float32: 2 x 256 + 88, bfloat16: 512 + 88) leave partial weight-row tiles,
+    # token vectors and K blocks.
+    layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=600, I=150, bias=True)
     p = random_layer_params(layer, rng(46))
     for d in p.experts:
         for k in d:
@@ -472,7 +474,7 @@ def test_moe_token_result_does_not_depend_on_expert_load(wdtype, T, more):
     if p.router_bias is not None:
         p.router_bias[:] = 0.0
     sess = session(moe_model(layer, p, "float32", wdtype))
-    x = rng(47).standard_normal((more, 200)).astype(np.float32)
+    x = rng(47).standard_normal((more, 600)).astype(np.float32)
     full = sess.run(None, {"hidden_states": x})[0]
     part = sess.run(None, {"hidden_states": x[:T]})[0]
     np.testing.assert_allclose(part, moe_forward(x[:T], layer, p), rtol=2e-5, atol=2e-5)
