@@ -19,8 +19,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/seif demo
 
-# The tests use the native ai.seif kernels, so `make test` builds them (a no-op when up to date).
-test: $(STAMP) native
+# The tests use the native ai.seif kernels (and time them in seif_kernel_bench), so `make test`
+# builds them (a no-op when up to date).
+test: $(STAMP) native native-bench
 	$(BIN)/ruff check seif converters runtime tests benchmarks
 	SEIF_EXPECT_CUDA=$$(command -v nvcc >/dev/null && echo 1 || echo 0) $(BIN)/python -m pytest
 
