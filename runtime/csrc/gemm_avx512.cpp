@@ -2,7 +2,7 @@
 // -mavx512f -mavx512bw -mfma; used only when the CPU has them, see gemm.cpp, which sends float16
 // weights to the AVX2 kernel).
 //
-// Three forms, chosen by the number of tokens M and the weight type (phase_min_m, kOuterMinM),
+// Three forms, chosen by the number of tokens M and the weight type (phase_min_m, outer_min_m),
 // never by the thread count:
 //
 // Dot-product form (fewer than phase_min_m tokens): A (tokens [M, K], float32) and B (weights
@@ -22,12 +22,12 @@
 // Each 16-lane FMA of this form reads two full vectors, so with the token rows coming from L2 it
 // reached only ~110 GFLOP/s per core (~190 on L1-resident data).
 //
-// Phase form (phase_min_m <= M < kOuterMinM: float32 8-39 tokens, bfloat16 16-39): see
+// Phase form (phase_min_m <= M < outer_min_m: float32 8-40 tokens, bfloat16 16-47): see
 // gemm_phase. A vector holds 4 tokens x 4 consecutive k, so each weight row's 4 k are one
 // broadcast load from the torch-layout row; every output is four float32 sums, one per k mod 4,
 // added in a fixed order at the end.
 //
-// Outer-product form (M >= kOuterMinM): tokens are packed k-major in blocks of 64 (4 vectors,
+// Outer-product form (M >= outer_min_m): tokens are packed k-major in blocks of 64 (4 vectors,
 // 32 KiB per K block of 128: L1), weights are broadcast one element at a time from their
 // torch-layout rows (bfloat16 rows are first widened exactly, 6 rows x 128 k at a time, into an
 // L1 buffer), 6 rows x 64 tokens of accumulators; each output is a plain float32 sum over k in
@@ -66,10 +66,15 @@ constexpr int64_t kKC = 512;     // K per block (a multiple of 32)
 constexpr int64_t kStreamM = 8;  // up to this many tokens per block: K is not blocked
 // From this many tokens on: the outer-product form below. Measured on M x 1408 x 2048, one core:
 // bfloat16 weights 1.1x the dot form at 40, 1.15-1.25x at 64, 1.25-1.35x at 256. float32
-// weights: 1.3x at 48, 1.4x at 256. Below 40 the phase form beats it (M x 11264 x 2048, weights
-// from memory, one core: 1.05-1.13x at 32-36, about even at 40, 0.93-0.97x at 44-56).
-constexpr int64_t kOuterMinM = 40;
-// From this many tokens on (up to kOuterMinM): the phase form. bfloat16 weights below 16 stay
+// weights: 1.3x at 48, 1.4x at 256. Below these counts the phase form beats it (seif_kernel_bench
+// gemm M 11264 2048, weights from memory, phase against outer form; one core / both cores):
+// float32 1.08-1.12x / 1.09x at 40, 0.96-1.02x at 44, 0.91x on both cores at 42; bfloat16
+// 1.13-1.18x / 1.08x at 40, 1.15-1.17x / 1.03x at 44, 1.02x on both cores at 46, 1.0x on one at
+// 47. (Before the phase form's K blocks of session 7 the float32 crossing was at ~40.)
+constexpr int64_t kOuterMinMF32 = 41;
+constexpr int64_t kOuterMinMBf16 = 48;
+inline int64_t outer_min_m(bool bf16) { return bf16 ? kOuterMinMBf16 : kOuterMinMF32; }
+// From this many tokens on (up to outer_min_m): the phase form. bfloat16 weights below 16 stay
 // with the dot form, whose rows need no widening: 1.15x the phase form at 8, within +-12%
 // either way at 10-14, and even on the mixtral layer (T=48, 64) with the phase form from 10 or 12.
 constexpr int64_t kPhaseMinMF32 = 8;
@@ -491,7 +496,7 @@ void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const f
 }
 
 // ----------------------------------------------------------------------------- phase form
-// float32 8-39 tokens, bfloat16 16-39. One vector holds 4 tokens x 4 consecutive k: lane
+// float32 8-40 tokens, bfloat16 16-47. One vector holds 4 tokens x 4 consecutive k: lane
 // 4t + p is token t at k = 4s + p (step s). A weight row's 4 k of a step are then one 16-byte
 // broadcast load from its torch-layout row (no transposition, no shuffle), multiplied into
 // every token vector of the tile: NR rows x NV vectors of accumulators, NR x NV FMAs per step
@@ -654,7 +659,7 @@ inline int phase_height(int64_t left, int widest) {
   return 1;
 }
 
-// C[m, n] for n in [n0, n1) from the packed tokens Q (pack_phase; fewer than kOuterMinM tokens,
+// C[m, n] for n in [n0, n1) from the packed tokens Q (pack_phase; fewer than outer_min_m tokens,
 // so all in one token block): K blocks outer (each weight block is read from memory once),
 // weight-row tiles (bfloat16 rows widened exactly into Wbuf first), then the token tiles, sized
 // evenly (7 groups: 4 + 3).
@@ -768,7 +773,7 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       }
     return;
   }
-  if (M >= phase_min_m(bf16) && M < kOuterMinM) {
+  if (M >= phase_min_m(bf16) && M < outer_min_m(bf16)) {
     const float* fb = float_bias(bias, bt, n0, n1 - n0, Fbuf);
     const float* Q = slot.get(a_key, Form::Phase, A, lda, M, K, phase_packed_size(M, K),
                               [&](float* p) { pack_phase(A, lda, M, K, p); });
@@ -776,13 +781,13 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
                Wbuf.get(kPRMax * kPWld));
     return;
   }
-  if (M >= kOuterMinM) {
+  if (M >= outer_min_m(bf16)) {
     // The last 1-kOuterTailMax tokens past a multiple of 16 would fill one vector of every
     // outer tile mostly with zeros (65 tokens: 5 vectors for 65): the dot form takes them, reading
     // the weight block again from L2. Measured on 65-106 x 128 x 2048, one core: 1.03-1.3x at
     // 1-7 such tokens (1.3x at 65, 1.17x at 68), about even at 8 (so not taken).
     const int64_t r = M % 16;
-    if (r >= 1 && r <= kOuterTailMax && M - r >= kOuterMinM) {
+    if (r >= 1 && r <= kOuterTailMax && M - r >= outer_min_m(bf16)) {
       gemm(bf16, M - r, n0, n1, K, A, lda, B, ldb, bias, C, ldc, a_key);
       gemm(bf16, r, n0, n1, K, A + (M - r) * lda, lda, B, ldb, bias, C + (M - r) * ldc, ldc, 0);
       return;
