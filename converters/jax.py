@@ -496,7 +496,7 @@ def _activation(name: str, gate, up, alpha: float, limit: float):
 
 
 def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", precision=None,
-                   block_rows: int = 64):
+                   block_rows: int | None = None):
     """y[r] = x[r] @ w[g(r)] for rows sorted by group g; rows past sum(group_sizes) give 0.
 
     impl="ragged_dot": `jax.lax.ragged_dot`, differentiable; a native grouped GEMM on TPU (and
@@ -505,6 +505,15 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", precision=Non
     impl="tiled": a loop over row tiles of one group each (at most N/block_rows + G tiles, only
     the non-empty ones run), so the work is that of the routed tokens: the CPU inference path.
     Forward-only (a while loop with a data-dependent trip count has no reverse-mode rule).
+    Every tile multiplies `block_rows` rows, also where its group has fewer, and every tile
+    reads its group's weights, so the default (None) follows n, the rows per group with rows
+    (N over the expected number of such groups were the rows spread at random, rounded): one
+    row per tile when n is 1 (XLA's matrix-vector product; a group's second row then costs a
+    second read, still cheaper than 2-row tiles), else the power of two >= n + 2, at most 64,
+    so most groups take one tile. Measured per projection (G x 2048 x M,
+    fp32, 2 cores, caches flushed; against the earlier fixed 64, same run): G=64, M=1408: N=6
+    12.5 -> 10.1 ms, N=24 45.8 -> 43.2, N=96 114 -> 60, N=1536 156 -> 111; G=8, M=5632: N=2
+    26.1 -> 24.5, N=8 41.7 -> 42.5, N=32 68.5 -> 55.0, N=128 93.1 -> 81.3.
     """
     import jax
     import jax.numpy as jnp
@@ -516,6 +525,10 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", precision=Non
         raise RoutingError(f"unknown grouped matmul impl {impl!r} (ragged_dot | tiled)")
     N, K = x.shape
     G, _, M = w.shape
+    if block_rows is None:
+        touched = G * (1.0 - (1.0 - 1.0 / G) ** N)  # groups with rows, rows spread at random
+        per_group = max(1, round(N / max(touched, 1.0)))
+        block_rows = 1 if per_group == 1 else min(64, 1 << (per_group + 1).bit_length())
     B = max(1, min(block_rows, N))
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     if N == 0:

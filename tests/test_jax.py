@@ -150,6 +150,25 @@ def test_tiled_grouped_matmul_matches_reference(name):
     check(make_layer(ROUTINGS[name], "swiglu_oai", bias=True), impl="tiled")
 
 
+@pytest.mark.parametrize("sizes", [[0, 3, 0, 1, 0, 0, 2, 0], [5, 0, 0, 0, 0, 0, 0, 0],
+                                   [1, 1, 1, 1, 1, 1, 1, 1], [9, 17, 0, 1, 3, 0, 33, 2]])
+@pytest.mark.parametrize("block_rows", [None, 1, 3, 64])
+def test_tiled_grouped_matmul_any_tile_height(sizes, block_rows):
+    # Tiles of any height (the default follows the mean rows per group) give every row its own
+    # group's product, partial tiles and empty groups included, and 0 for the padding rows.
+    rng = np.random.default_rng(sum(sizes) + (block_rows or 0))
+    G, K, M = len(sizes), 24, 20
+    N = sum(sizes) + 2                                        # 2 rows past the groups
+    x = rng.standard_normal((N, K)).astype(np.float32)
+    w = rng.standard_normal((G, K, M)).astype(np.float32)
+    y = jax.jit(functools.partial(sj.grouped_matmul, impl="tiled", block_rows=block_rows))(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, dtype=jnp.int32))
+    group = np.repeat(np.arange(G), sizes)
+    ref = np.concatenate([np.einsum("nk,nkm->nm", x[:len(group)], w[group]),
+                          np.zeros((2, M), np.float32)])
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_eager_partial_jit_and_nnx_agree():
     """Not jitted, jitted through functools.partial (LayerSpec closed over) and through
     static_argnames (StaticLayer), and the NNX module under nnx.jit on x of shape [B, S, H]
