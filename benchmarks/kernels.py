@@ -1,16 +1,17 @@
 """`python -m benchmarks.kernels`: the CPU expert GEMM alone, per token count, against one core's
 matmul peak and read bandwidth measured in the same run.
 
-The MoE layer's time is, to within a few percent, the sum of its experts' GEMMs at their token
-counts (benchmarks/README.md, "Kernel microbenchmarks"), so this sweep says where the layer
-can and cannot reach its floor: at M tokens per expert a core needs M x 2 FLOP per weight
-(fp32: M/2 FLOP per byte, bf16: M), so up to a few tokens it waits on memory and from ~20
-(fp32) or ~10 (bf16) on its FMA units. Each point runs `seif_kernel_bench gemm M N K` (see
-runtime/csrc/kernel_bench.cpp: weights cycled over 1 GiB of copies so every repeat reads them
-from memory, 128-row calls as the layer's tasks make, outputs checked against float64) on one
-core, then on every core at once (GFLOP/s per core: the cores share the memory bandwidth, as
-in the layer). Build the binary with `make bench-kernels` (which then runs this) or
-`cmake --build runtime/build --target seif_kernel_bench`.
+The MoE layer's time is, to within 1-10%, its experts' FFN GEMMs at their token counts
+(benchmarks/README.md, "Session 8"), so this sweep says where the layer can and cannot reach
+its floor: at M tokens per expert a core does M x 2 FLOP per weight (fp32: M/2 FLOP per byte,
+bf16: M); one core here multiplies at ~180 GFLOP/s and reads ~15 GB/s, so below ~24 tokens
+(fp32) or ~12 (bf16) it waits on memory, above on its FMA units. Each point runs
+`seif_kernel_bench gemm M N K` (see runtime/csrc/kernel_bench.cpp: weights cycled over 1 GiB
+of copies so every repeat reads them from memory, 128-row calls as the layer's tasks make,
+outputs checked against float64) on one core, then on every core at once (GFLOP/s per core:
+the cores share the memory bandwidth, as in the layer). Build the binary with `make
+bench-kernels` (which then runs this) or `cmake --build runtime/build --target
+seif_kernel_bench`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ native-selftest-cuda:
 	runtime/build/seif_cuda_selftest
 
 # The CPU expert kernels alone, without ONNX Runtime or Python (runtime/csrc/kernel_bench.cpp;
-# benchmarks/README.md, "Kernel microbenchmarks"). `make test` builds it for its smoke test.
+# benchmarks/README.md, "Session 8"). `make test` builds it for its smoke test.
 native-bench: native
 	cmake --build runtime/build --target seif_kernel_bench
 

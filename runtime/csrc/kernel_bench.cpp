@@ -1,5 +1,5 @@
 // seif_kernel_bench: the CPU expert kernels alone, without ONNX Runtime or Python, for work on
-// the kernels (benchmarks/README.md, "Kernel microbenchmarks"). Built on demand:
+// the kernels (benchmarks/README.md, "Session 8"). Built on demand:
 //
 //   cmake --build runtime/build --target seif_kernel_bench   (or `make bench-kernels`)
 //
