@@ -510,10 +510,11 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", precision=Non
     (N over the expected number of such groups were the rows spread at random, rounded): one
     row per tile when n is 1 (XLA's matrix-vector product; a group's second row then costs a
     second read, still cheaper than 2-row tiles), else the power of two >= n + 2, at most 64,
-    so most groups take one tile. Measured per projection (G x 2048 x M,
-    fp32, 2 cores, caches flushed; against the earlier fixed 64, same run): G=64, M=1408: N=6
-    12.5 -> 10.1 ms, N=24 45.8 -> 43.2, N=96 114 -> 60, N=1536 156 -> 111; G=8, M=5632: N=2
-    26.1 -> 24.5, N=8 41.7 -> 42.5, N=32 68.5 -> 55.0, N=128 93.1 -> 81.3.
+    so most groups take one tile. Measured per projection (G x 2048 x M, fp32, 2 cores,
+    caches flushed; against the earlier fixed 64, same run): G=64, M=1408: N=6 12.5 -> 10.1
+    ms, N=24 45.8 -> 43.2, N=96 114 -> 60, N=1536 156 -> 111; G=8, M=5632: N=2 26.1 -> 24.5,
+    N=32 68.5 -> 55.0, N=128 93.1 -> 81.3; but N=8 29.2 -> 39.0 where one group held 5 of the
+    8 rows (two 4-row tiles, so two reads of its 46 MB).
     """
     import jax
     import jax.numpy as jnp

@@ -102,7 +102,6 @@ struct Weights {
   ~Weights() {
     for (char* c : copies) std::free(c);
   }
-  float at(size_t i) const { return f[i]; }
 };
 
 void make_weights(Weights& w, size_t n, DType type, int64_t mib, std::mt19937& rng) {
@@ -217,7 +216,7 @@ int bench_gemm(int argc, char** argv) {
     const int64_t m = pick_m(rng), n = pick_n(rng);
     double ref = 0, scale = 0;
     for (int64_t k = 0; k < K; ++k) {
-      const double p = static_cast<double>(A[m * K + k]) * w.at(static_cast<size_t>(n * K + k));
+      const double p = static_cast<double>(A[m * K + k]) * w.f[static_cast<size_t>(n * K + k)];
       ref += p, scale += std::fabs(p);
     }
     check.add(C[m * N + n], ref, scale);
@@ -295,8 +294,8 @@ int bench_ffn(int argc, char** argv) {
     for (int64_t i = 0; i < I; ++i) {
       double g = 0, u = 0;
       for (int64_t h = 0; h < H; ++h) {
-        g += static_cast<double>(x[h]) * w.at(base + static_cast<size_t>(i * H + h));
-        u += static_cast<double>(x[h]) * w.at(base + static_cast<size_t>((I + i) * H + h));
+        g += static_cast<double>(x[h]) * w.f[base + static_cast<size_t>(i * H + h)];
+        u += static_cast<double>(x[h]) * w.f[base + static_cast<size_t>((I + i) * H + h)];
       }
       act[static_cast<size_t>(i)] = g / (1.0 + std::exp(-g)) * u;
     }
@@ -304,7 +303,7 @@ int bench_ffn(int argc, char** argv) {
       double ref = 0, scale = 0;
       for (int64_t i = 0; i < I; ++i) {
         const double p =
-            act[static_cast<size_t>(i)] * w.at(base + static_cast<size_t>(2 * I * H + h * I + i));
+            act[static_cast<size_t>(i)] * w.f[base + static_cast<size_t>(2 * I * H + h * I + i)];
         ref += p, scale += std::fabs(p);
       }
       check.add(Y[static_cast<size_t>(row * H + h)], ref, scale);
