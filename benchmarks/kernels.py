@@ -9,9 +9,10 @@ bf16: M); one core here multiplies at ~180 GFLOP/s and reads ~15 GB/s, so below 
 `seif_kernel_bench gemm M N K` (see runtime/csrc/kernel_bench.cpp: weights cycled over 1 GiB
 of copies so every repeat reads them from memory, 128-row calls as the layer's tasks make,
 outputs checked against float64) on one core, then on every core at once (GFLOP/s per core:
-the cores share the memory bandwidth, as in the layer). Build the binary with `make
-bench-kernels` (which then runs this) or `cmake --build runtime/build --target
-seif_kernel_bench`.
+the cores share the memory bandwidth, as in the layer). The baseline, in the same run: torch's
+own GEMM (`F.linear`, oneDNN / MKL) on one thread for the same shapes and weight type, with its
+weights cycled over as many bytes of copies. Build the binary with `make bench-kernels` (which
+then runs this) or `cmake --build runtime/build --target seif_kernel_bench`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,48 @@ def run_gemm(binary: Path, m: int, n: int, k: int, dtype: str, threads: int, rep
     return {"ms": ms, "gflops": gflops, "gbs": gbs}
 
 
+class TorchGemm:
+    """torch.nn.functional.linear(x [M, K], W [N, K]) on one thread: the GEMM torch's CPU
+    backend (oneDNN / MKL) runs for these shapes, as the baseline of the sweep. Its weights are
+    cycled over `mib` MiB of copies (0: one copy), as seif_kernel_bench's are, so each call reads
+    them from memory; bf16 weights multiply bf16 tokens (torch has no bf16 x fp32 GEMM)."""
+
+    def __init__(self, n: int, k: int, dtype: str, mib: int):
+        import torch
+
+        self.dtype = torch.float32 if dtype == "f32" else torch.bfloat16
+        size = n * k * (4 if dtype == "f32" else 2)
+        count = max(1, (mib << 20) // size) if mib else 1
+        gen = torch.Generator().manual_seed(0)
+        self.weights = [torch.randn(n, k, generator=gen).to(self.dtype) for _ in range(count)]
+        self.n, self.k = n, k
+
+    def run(self, m: int, reps: int) -> dict:
+        """Median ms and GFLOP/s of one call over `reps` passes through the copies."""
+        import statistics
+        import time
+
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.randn(m, self.k).to(self.dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                F.linear(x, self.weights[0])  # warm-up (oneDNN builds its kernel once per shape)
+                times = []
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    for w in self.weights:
+                        F.linear(x, w)
+                    times.append((time.perf_counter() - start) / len(self.weights))
+        finally:
+            torch.set_num_threads(threads)
+        seconds = statistics.median(times)
+        return {"ms": seconds * 1e3, "gflops": 2.0 * m * self.n * self.k / seconds / 1e9}
+
+
 def one_core_peak_and_bandwidth(quick: bool) -> tuple[float, float]:
     """(FLOP/s of one core's fp32 matmul, bytes/s of one core's read), torch on one thread."""
     import torch
@@ -73,16 +116,20 @@ def one_core_peak_and_bandwidth(quick: bool) -> tuple[float, float]:
 def run(binary: Path, tokens: Sequence[int] = TOKENS, dtypes: Sequence[str] = ("f32", "bf16"),
         n: int = N, k: int = K, reps: int = 5, mib: int = 1024, quick: bool = False,
         progress=lambda s: None) -> dict:
-    """Every token count and weight type on one core and on all cores."""
+    """Every token count and weight type on one core and on all cores, and torch's GEMM on one
+    core."""
     cores = os.cpu_count() or 1
     peak, bandwidth = one_core_peak_and_bandwidth(quick)
     rows = []
     for dtype in dtypes:
+        baseline = TorchGemm(n, k, dtype, mib)
         for m in tokens:
             progress(f"{dtype} M={m}")
             one = run_gemm(binary, m, n, k, dtype, 1, reps, mib)
             every = run_gemm(binary, m, n, k, dtype, cores, reps, mib)
-            rows.append({"dtype": dtype, "M": m, "one": one, "every": every})
+            rows.append({"dtype": dtype, "M": m, "one": one, "every": every,
+                         "torch": baseline.run(m, reps)})
+        del baseline
     return {"cores": cores, "peak": peak, "bandwidth": bandwidth, "n": n, "k": k, "mib": mib,
             "rows": rows}
 
@@ -92,9 +139,11 @@ def print_table(result: dict) -> None:
     where = (f"weights cycled over {result['mib']} MiB of copies" if result["mib"]
              else "one copy of the weights")
     print(f"GEMM M x {result['n']} x {result['k']} (128-row calls, {where}); one core: torch "
-          f"fp32 matmul {peak / 1e9:.0f} GFLOP/s, torch read {bw / 1e9:.1f} GB/s")
+          f"fp32 matmul {peak / 1e9:.0f} GFLOP/s, torch read {bw / 1e9:.1f} GB/s; torch: "
+          f"F.linear of the same shapes on one core (oneDNN / MKL)")
     head = (f"{'dtype':>5} {'M':>4} | {'1 core GF/s':>11} {'% peak':>6} {'GB/s':>6} | "
-            f"{f'{cores} cores GF/s/core':>18} {'% peak':>6} {'GB/s':>6}")
+            f"{f'{cores} cores GF/s/core':>18} {'% peak':>6} {'GB/s':>6} | "
+            f"{'torch 1 core GF/s':>17} {'SEIF / torch':>12}")
     print(head)
     print("-" * len(head))
     for row in result["rows"]:
@@ -102,7 +151,8 @@ def print_table(result: dict) -> None:
         per_core = every["gflops"] / cores
         print(f"{row['dtype']:>5} {row['M']:>4} | {one['gflops']:>11.1f} "
               f"{100 * one['gflops'] * 1e9 / peak:>5.0f}% {one['gbs']:>6.2f} | "
-              f"{per_core:>18.1f} {100 * per_core * 1e9 / peak:>5.0f}% {every['gbs']:>6.2f}")
+              f"{per_core:>18.1f} {100 * per_core * 1e9 / peak:>5.0f}% {every['gbs']:>6.2f} | "
+              f"{row['torch']['gflops']:>17.1f} {one['gflops'] / row['torch']['gflops']:>11.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

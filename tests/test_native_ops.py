@@ -457,14 +457,16 @@ def test_moe_repeated_calls_see_new_tokens(wdtype, T):
 
 @pytest.mark.parametrize("wdtype,T,more", [
     ("float32", 8, 40), ("float32", 21, 36), ("bfloat16", 16, 47), ("bfloat16", 27, 41),
-    ("float32", 41, 64), ("bfloat16", 61, 64)])
+    ("float32", 41, 64), ("bfloat16", 61, 64), ("float32", 72, 96), ("bfloat16", 72, 96),
+    ("float32", 144, 160)])
 def test_moe_token_result_does_not_depend_on_expert_load(wdtype, T, more):
     # Within one GEMM form's range (the phase form: float32 8-40 tokens, bfloat16 16-47; the
-    # outer form from 41 and 48, 41 = 32 + 9 and 61 = 48 + 13 leaving a partial vector) a
-    # token's result is the same bits whether its expert gets T tokens or `more`: the sums'
-    # order depends on neither the tiles nor the blocks. Every token goes to experts 0 and 1
-    # (zero router weights); I = 150 and H = 600 (float32: 2 x 256 + 88, bfloat16: 512 + 88)
-    # leave partial weight-row tiles, token vectors and K blocks.
+    # outer form from 41 and 48, 41 = 32 + 9 and 61 = 48 + 13 leaving a partial vector; 72
+    # and 144 tokens in token blocks of 48 + 24 and 64 + 48 + 32, against 64 + 32 and
+    # 64 + 64 + 32) a token's result is the same bits whether its expert gets T tokens or
+    # `more`: the sums' order depends on neither the tiles nor the blocks. Every token goes
+    # to experts 0 and 1 (zero router weights); I = 150 and H = 600 (float32: 2 x 256 + 88,
+    # bfloat16: 512 + 88) leave partial weight-row tiles, token vectors and K blocks.
     layer = layer_of(RoutingSpec(top_k=2, normalize="sum"), E=4, H=600, I=150, bias=True)
     p = random_layer_params(layer, rng(46))
     for d in p.experts:
