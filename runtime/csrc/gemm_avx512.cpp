@@ -28,14 +28,14 @@
 // added in a fixed order at the end.
 //
 // Outer-product form (M >= outer_min_m): tokens are packed k-major in blocks of up to 64 (4
-// vectors, 32 KiB per K block of 128: L1; see outer_block), weights are broadcast one element at a time from their
-// torch-layout rows (bfloat16 rows are first widened exactly, 6 rows x 128 k at a time, into an
-// L1 buffer), 6 rows x 64 tokens of accumulators; each output is a plain float32 sum over k in
-// increasing order (one FMA per k), then the bias. Measured 1.25-1.5x the dot form from 48
-// tokens on. The last 1-7 tokens past a multiple of 16 take the dot form (a vector of 16 token
-// lanes would hold mostly zeros), so which form a token gets also depends on its place in the
-// block. The tokens' packed forms are prepared once per call, or once per thread for all the
-// calls that pass the same key (gemm_nt_keyed, PreparedTokens).
+// vectors, 32 KiB per K block of 128: L1; see outer_block), weights are broadcast one element
+// at a time from their torch-layout rows (bfloat16 rows are first widened exactly, 6 rows x
+// 128 k at a time, into an L1 buffer), 6 rows x 64 tokens of accumulators; each output is a
+// plain float32 sum over k in increasing order (one FMA per k), then the bias. Measured
+// 1.25-1.5x the dot form from 48 tokens on. The last 1-7 tokens past a multiple of 16 take the
+// dot form (a vector of 16 token lanes would hold mostly zeros), so which form a token gets
+// also depends on its place in the block. The tokens' packed forms are prepared once per call,
+// or once per thread for all the calls that pass the same key (gemm_nt_keyed, PreparedTokens).
 //
 // The three forms add a token's products in different orders, so its result can differ in the
 // last bits between experts that received a number of tokens in different forms' ranges (all
