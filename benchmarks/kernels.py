@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,9 +75,6 @@ class TorchGemm:
 
     def run(self, m: int, reps: int) -> dict:
         """Median ms and GFLOP/s of one call over `reps` passes through the copies."""
-        import statistics
-        import time
-
         import torch
         import torch.nn.functional as F
 

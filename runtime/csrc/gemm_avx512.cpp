@@ -304,8 +304,9 @@ constexpr int kOR = 6;          // weight rows per register tile
 // M x 11264 x 2048, one core, weights from memory, alternating: float32 1.05-1.09x at 72-85
 // tokens, 1.04-1.05x at 137-144, 1.02-1.04x at 208-272; bfloat16 1.06-1.08x at 72-80, 1.04x at
 // 144. Same bits: an output's sum does not depend on which block holds its token.
+inline int64_t outer_blocks(int64_t M) { return (M + kOMB - 1) / kOMB; }
 inline void outer_block(int64_t M, int64_t mbk, int64_t& m0, int64_t& mb) {
-  const int64_t vectors = (M + 15) / 16, blocks = (vectors + 3) / 4;
+  const int64_t vectors = (M + 15) / 16, blocks = outer_blocks(M);
   const bool three_two = vectors % 4 == 1 && blocks >= 2;
   m0 = mbk * kOMB - (three_two && mbk == blocks - 1 ? 16 : 0);
   const int64_t end = three_two && mbk == blocks - 2 ? m0 + kOMB - 16 : m0 + kOMB;
@@ -444,11 +445,11 @@ void widen_rows(const uint16_t* B, int64_t ldb, int nr, int64_t kc, float* W, in
 // Every token block (outer_block) x K block of A [M, K], packed by pack_tokens, one after
 // another: block (mbk, kb) at P + (mbk * nkb + kb) * kOKC * kOMB, nkb = ceil(K / kOKC).
 int64_t outer_packed_size(int64_t M, int64_t K) {
-  return (M + kOMB - 1) / kOMB * ((K + kOKC - 1) / kOKC) * kOKC * kOMB;
+  return outer_blocks(M) * ((K + kOKC - 1) / kOKC) * kOKC * kOMB;
 }
 void pack_outer(const float* A, int64_t lda, int64_t M, int64_t K, float* P) {
   const int64_t nkb = (K + kOKC - 1) / kOKC;
-  for (int64_t mbk = 0; mbk < (M + kOMB - 1) / kOMB; ++mbk) {
+  for (int64_t mbk = 0; mbk < outer_blocks(M); ++mbk) {
     int64_t m0, mb;
     outer_block(M, mbk, m0, mb);
     for (int64_t kb = 0; kb < nkb; ++kb)
@@ -464,7 +465,7 @@ void pack_outer(const float* A, int64_t lda, int64_t M, int64_t K, float* P) {
 void gemm_outer(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* P,
                 const void* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
                 float* Sbuf, float* Wbuf) {
-  const int64_t N = n1 - n0, nmb = (M + kOMB - 1) / kOMB, esz = bf16 ? 2 : 4;
+  const int64_t N = n1 - n0, nmb = outer_blocks(M), esz = bf16 ? 2 : 4;
   const int64_t nkb = (K + kOKC - 1) / kOKC;
   const char* Bc = static_cast<const char*>(B);
   for (int64_t k0 = 0; k0 < K; k0 += kOKC) {
@@ -812,7 +813,7 @@ void gemm(bool bf16, int64_t M, int64_t n0, int64_t n1, int64_t K, const float* 
       return;
     }
     const float* fb = float_bias(bias, bt, n0, n1 - n0, Fbuf);
-    const int64_t nmb = (M + kOMB - 1) / kOMB;
+    const int64_t nmb = outer_blocks(M);
     const float* P = slot.get(a_key, Form::Outer, A, lda, M, K, outer_packed_size(M, K),
                                   [&](float* p) { pack_outer(A, lda, M, K, p); });
     gemm_outer(bf16, M, n0, n1, K, P, B, ldb, fb, C, ldc, Sbuf.get(nmb * (n1 - n0) * kOMB),
